@@ -1,0 +1,114 @@
+"""Zarr store schema: create, open, validate and track completion of the run's stores (design.md, "Run directory").
+
+A store is declared up front (name -> shape, dtype, chunks), with one `done` flag per work row written after the
+row's data. Only the driver writes metadata (attrs); work units return arrays and the driver writes whole chunks,
+so no locks and no shared filesystem are needed. Reopening a store with a different config refuses, naming the keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A store does not match what the caller expects; the message names the difference and what to do."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    fill_value: float | int | bool = 0
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, with both values."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += diff_keys(a, b, prefix + key + ".")
+        elif a != b:
+            keys.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return keys
+
+
+def open_or_create(path: str | Path, arrays: dict[str, ArraySpec], *, kind: str, config: dict,
+                   attrs: dict | None = None) -> zarr.Group:
+    """Open the store at `path` if it was made with the same `config`, else create it with `arrays` and attrs.
+
+    Refuses (StoreError) to reuse a store whose kind, schema version or config differ, naming the differing keys,
+    so that finished work is never mixed with work done under other settings, and nothing is overwritten.
+    """
+    path = Path(path)
+    config = json.loads(json.dumps(config))  # normalise tuples to lists, as stored
+    if (path / "zarr.json").exists():
+        group = zarr.open_group(str(path), mode="r+")
+        check_store(group, path, kind=kind, config=config)
+        missing = [name for name in arrays if name not in group]
+        if missing:
+            raise StoreError(f"store {path} lacks arrays {missing}: it is damaged; move it away to start it again")
+        return group
+    group = zarr.open_group(str(path), mode="w")
+    for name, spec in arrays.items():
+        group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks, fill_value=spec.fill_value)
+    group.attrs.update({"kind": kind, "schema_version": SCHEMA_VERSION, "config": config,
+                        "config_hash": config_hash(config), **(attrs or {})})
+    return group
+
+
+def check_store(group: zarr.Group, path: Path, *, kind: str, config: dict | None = None) -> None:
+    stored_kind = group.attrs.get("kind")
+    if stored_kind != kind:
+        raise StoreError(f"{path} is a {stored_kind!r} store, not {kind!r}: point at the run's {kind} store")
+    if group.attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema version {group.attrs.get('schema_version')}, this dmu writes "
+                         f"{SCHEMA_VERSION}: recompute it in a new run directory")
+    if config is not None and group.attrs.get("config") != config:
+        keys = diff_keys(group.attrs.get("config", {}), config)
+        raise StoreError(f"{path} was made with a different config ({'; '.join(keys)}): restore those settings "
+                         "to resume it, or use a new run directory (--run-dir) for the new settings")
+
+
+def open_store(path: str | Path, kind: str) -> zarr.Group:
+    """Open an existing store read-only, checking its kind."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"no store at {path}: run the stage that writes it first (dmu run CONFIG)")
+    group = zarr.open_group(str(path), mode="r")
+    check_store(group, path, kind=kind)
+    return group
+
+
+def done_rows(group: zarr.Group) -> np.ndarray:
+    return np.asarray(group["done"][:], dtype=bool)
+
+
+def summary(path: str | Path) -> dict:
+    """What a store holds and how complete it is (for `dmu info`)."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"no Zarr store at {path}")
+    group = zarr.open_group(str(path), mode="r")
+    info: dict = {"path": str(path), "kind": group.attrs.get("kind"), "arrays": {}}
+    for name, arr in sorted(group.arrays()):
+        info["arrays"][name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
+    if "done" in group:
+        done = done_rows(group)
+        info["done"] = int(done.sum())
+        info["total"] = int(done.size)
+    info["attrs"] = dict(group.attrs)
+    return info

@@ -1,0 +1,207 @@
+"""Run configuration: YAML read into frozen, nested dataclasses.
+
+Every stage reads its settings from here. An unknown or mistyped key is an error that names it (with the closest
+known key), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message says which key and what to do."""
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Overrides of the task's training recipe; None keeps the task's default (see pipelines/tasks)."""
+
+    # passes over each model's own training examples
+    epochs: int | None = None
+    # examples per minibatch, per model
+    batch_size: int | None = None
+    # peak learning rate
+    lr: float | None = None
+    # L2 weight decay (decoupled for adamw)
+    weight_decay: float | None = None
+    # adam | adamw | sgd
+    optimizer: str | None = None
+    # constant | onecycle (linear warm-up to the peak, then linear decay to 0)
+    schedule: str | None = None
+    # fraction of the steps spent warming up (onecycle)
+    warmup: float | None = None
+    # label smoothing of the cross-entropy
+    label_smoothing: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    # mnist1d (embedded default) | cifar10
+    name: str = "mnist1d"
+    # architecture: cnn | mlp for mnist1d, resnet9 for cifar10 (None: the task's default, cnn / resnet9)
+    arch: str | None = None
+    # keep the first n training / test examples (None: all); smaller N makes datamodels cheaper
+    n_train: int | None = None
+    n_test: int | None = None
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+@dataclass(frozen=True)
+class SubsetsConfig:
+    # number of subset models (rows of subsets.zarr)
+    n_models: int = 256
+    # Bernoulli probability of keeping each training example (reference.md §1: 0.5 is the standard)
+    alpha: float = 0.5
+    # models per work unit = rows per Zarr chunk, so each unit owns whole chunks
+    block_size: int = 32
+    # keep the parameters of the first k models (the checkpoints TRAK needs); 0 keeps none
+    keep_params: int = 0
+
+
+@dataclass(frozen=True)
+class DatamodelsConfig:
+    # which estimators to fit: lasso, trak
+    methods: tuple[str, ...] = ("lasso",)
+    # the last n_lds subset models are held out for LDS, the n_val before them for choosing lambda
+    n_lds: int = 64
+    n_val: int = 64
+    # regularisation path: n_lambdas values from lambda_max down to lambda_max * lambda_ratio
+    n_lambdas: int = 12
+    lambda_ratio: float = 1e-3
+    # targets per work unit of the LASSO fit
+    target_chunk: int = 512
+    # LDS curve: fit on these numbers of subset models (0 or empty: skip the curve)
+    lds_curve: tuple[int, ...] = ()
+    # TRAK: number of checkpoints (the first subset models), projection dimension, ridge term
+    trak_checkpoints: int = 10
+    trak_proj_dim: int = 512
+    trak_lambda_reg: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    # ray (local cluster or --address / RAY_ADDRESS) | serial (in-process, for tests and debugging)
+    kind: str = "ray"
+    # CPUs of the local Ray instance (None: all); ignored when joining a cluster
+    num_cpus: int | None = None
+    # CPUs (= torch threads) per work unit
+    cpus_per_unit: int = 1
+    # GPUs per work unit where GPUs exist (None: 1 if the cluster has GPUs, else 0)
+    gpus_per_unit: float | None = None
+    # how often Ray reruns a unit whose worker died
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # run name; the run directory defaults to runs/<name>
+    name: str = "run"
+    # the one seed that fixes every mask, model and result
+    seed: int = 0
+    # where the stores go (None: runs/<name>)
+    run_dir: str | None = None
+    # stages run by `dmu run` when --stages is not given
+    stages: tuple[str, ...] = ("subsets",)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    subsets: SubsetsConfig = field(default_factory=SubsetsConfig)
+    datamodels: DatamodelsConfig = field(default_factory=DatamodelsConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lists to tuples and dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain JSON-able dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist: pass a YAML file such as pipelines/configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys at the top level")
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    s = cfg.subsets
+    if not 0.0 < s.alpha < 1.0:
+        raise ConfigError(f"subsets.alpha must be in (0, 1), got {s.alpha}")
+    if s.n_models < 1 or s.block_size < 1:
+        raise ConfigError("subsets.n_models and subsets.block_size must be positive")
+    if s.keep_params < 0 or s.keep_params > s.n_models:
+        raise ConfigError(f"subsets.keep_params must be in [0, n_models={s.n_models}], got {s.keep_params}")
+    if cfg.executor.kind not in ("ray", "serial"):
+        raise ConfigError(f"executor.kind must be 'ray' or 'serial', got {cfg.executor.kind!r}")

@@ -1,0 +1,116 @@
+"""Executors: run work units and hand their results back to the driver as they finish.
+
+`RayExecutor` is the real one: a local Ray instance, or a cluster named by --address / RAY_ADDRESS. `SerialExecutor`
+runs units in-process, for unit tests and debugging. Both call `fn(unit, **shared)` with the same torch thread count,
+so a unit returns the same numbers on either. Units return arrays; only the driver writes stores.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from pipelines.config import ExecutorConfig
+
+
+class UnitError(RuntimeError):
+    """A work unit failed after its retries; finished units are kept, a rerun resumes."""
+
+
+class Executor(ABC):
+    def __init__(self, cpus_per_unit: int = 1):
+        self.cpus_per_unit = cpus_per_unit
+
+    @abstractmethod
+    def map_unordered(self, fn: Callable, units: Sequence, shared: dict[str, Any] | None = None,
+                      ) -> Iterator[tuple[Any, Any]]:
+        """Yield (unit, fn(unit, **shared)) for every unit, in order of completion."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _run_unit(fn: Callable, unit: Any, threads: int, **shared: Any) -> Any:
+    torch.set_num_threads(threads)  # workers are reused: set it inside every task (reference.md §7)
+    return fn(unit, **shared)
+
+
+class SerialExecutor(Executor):
+    """In-process, one unit after another (unit tests, debugging)."""
+
+    def map_unordered(self, fn, units, shared=None):
+        previous = torch.get_num_threads()
+        try:
+            for unit in units:
+                yield unit, _run_unit(fn, unit, self.cpus_per_unit, **(shared or {}))
+        finally:
+            torch.set_num_threads(previous)
+
+
+class RayExecutor(Executor):
+    """Ray tasks, one per unit: a local instance with `num_cpus`, or the cluster at `address` / RAY_ADDRESS."""
+
+    def __init__(self, cfg: ExecutorConfig, address: str | None = None):
+        super().__init__(cfg.cpus_per_unit)
+        import ray
+
+        self.ray = ray
+        self.max_retries = cfg.max_retries
+        address = address or os.environ.get("RAY_ADDRESS")
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: silence the 2.60 token warning
+                ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                         configure_logging=False)
+        resources = ray.cluster_resources()
+        if cfg.gpus_per_unit is None:
+            self.gpus_per_unit = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        else:
+            self.gpus_per_unit = cfg.gpus_per_unit
+        self.parallelism = max(1, int(resources.get("CPU", 1) // self.cpus_per_unit))
+
+    def map_unordered(self, fn, units, shared=None):
+        ray = self.ray
+        refs = {k: ray.put(v) for k, v in (shared or {}).items()}  # large inputs go to the object store once
+        remote = ray.remote(_run_unit).options(num_cpus=self.cpus_per_unit, num_gpus=self.gpus_per_unit,
+                                               max_retries=self.max_retries)
+        todo = list(units)
+        pending: dict[Any, Any] = {}
+        window = 2 * self.parallelism  # bounded in flight: results are consumed (and written) as they come
+        try:
+            while todo or pending:
+                while todo and len(pending) < window:
+                    unit = todo.pop(0)
+                    pending[remote.remote(fn, unit, self.cpus_per_unit, **refs)] = unit
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                unit = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    raise UnitError(f"work unit {unit!r} failed after {self.max_retries} retries: {exc}") from exc
+                yield unit, result
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        if self.owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def make_executor(cfg: ExecutorConfig, address: str | None = None) -> Executor:
+    if cfg.kind == "serial":
+        return SerialExecutor(cfg.cpus_per_unit)
+    return RayExecutor(cfg, address)
