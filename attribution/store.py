@@ -103,12 +103,13 @@ def summary(path: str | Path) -> dict:
     if not (path / "zarr.json").exists():
         raise StoreError(f"no Zarr store at {path}")
     group = zarr.open_group(str(path), mode="r")
-    info: dict = {"path": str(path), "kind": group.attrs.get("kind"), "arrays": {}}
-    for name, arr in sorted(group.arrays()):
+    info: dict = {"path": str(path), "kind": group.attrs.get("kind"), "arrays": {}, "completion": {}}
+    for name, arr in sorted(group.members(max_depth=None)):
+        if not isinstance(arr, zarr.Array):
+            continue
         info["arrays"][name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
-    if "done" in group:
-        done = done_rows(group)
-        info["done"] = int(done.sum())
-        info["total"] = int(done.size)
+        if name == "done" or name.endswith("/done"):  # completion of each block of rows
+            done = np.asarray(arr[:], dtype=bool)
+            info["completion"][name.removesuffix("done").rstrip("/") or "."] = [int(done.sum()), int(done.size)]
     info["attrs"] = dict(group.attrs)
     return info

@@ -48,16 +48,40 @@ def cmd_info(args: argparse.Namespace) -> None:
             continue
         print(f"{info['path']}  [{info['kind']}]")
         for name, a in info["arrays"].items():
-            print(f"  {name:<10} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
-        if "done" in info:
-            pct = 100.0 * info["done"] / max(1, info["total"])
-            print(f"  complete: {info['done']}/{info['total']} rows ({pct:.1f}%)")
+            print(f"  {name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+        for part, (done, total) in info["completion"].items():
+            where = "" if part == "." else f" {part}"
+            print(f"  complete{where}: {done}/{total} rows ({100.0 * done / max(1, total):.1f}%)")
         attrs = info["attrs"]
         for key in ("dataset", "dataset_fingerprint", "n_train", "n_targets", "config_hash"):
             if key in attrs:
                 print(f"  {key}: {attrs[key]}")
         if "config" in attrs:
             print(f"  config: {json.dumps(attrs['config'], sort_keys=True)}")
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from pipelines.stages import load_run_config
+    from pipelines.stages.unlearn import read_forget_ids, serve_request
+
+    run_dir = Path(args.run)
+    cfg = load_run_config(run_dir)
+    res = serve_request(run_dir, cfg, read_forget_ids(Path(args.forget)), args.method, args.model, Path(args.out))
+    print(f"{args.method} on full model {args.model}: {res['seconds']:.2f} s, {res['example_passes']:.0f} "
+          f"example passes -> {res['out']}")
+    print(f"{'accuracy':<10} {'forget':>8} {'retain':>8} {'test':>8}")
+    for when in ("before", "after"):
+        a = res[when]
+        print(f"{when:<10} {a['forget']:>8.3f} {a['retain']:>8.3f} {a['test']:>8.3f}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pipelines.stages import RunContext, load_run_config, run_stages
+
+    run_dir = Path(args.run)
+    ctx = RunContext(cfg=load_run_config(run_dir), run_dir=run_dir)
+    run_stages(ctx, ["report"])
+    print(f"report: {run_dir / 'report' / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("unlearn", help="serve one deletion request from a run's precomputed stores")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/demo")
+    p.add_argument("--forget", required=True, help="file of training indices to forget (.npy, JSON, or text)")
+    p.add_argument("--method", required=True, help="unlearning method, e.g. dm_matching")
+    p.add_argument("--model", type=int, default=0, help="which full model to unlearn (default 0)")
+    p.add_argument("--out", required=True, help="where to write the unlearned checkpoint (.pt)")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("report", help="(re)write a run's report: report.md, metrics.json, plots")
+    p.add_argument("run", help="run directory, e.g. runs/demo")
+    p.set_defaults(func=cmd_report)
+
+    # `dmu linear ...` is dispatched to pipelines.linear.main before parsing (it has its own options)
+    sub.add_parser("linear", help="the linear-model experiment (seed paper Figure 3): dmu linear --help")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["linear"]:
+        from pipelines.linear import main as linear_main
+
+        return linear_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:

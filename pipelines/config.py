@@ -89,6 +89,42 @@ class DatamodelsConfig:
 
 
 @dataclass(frozen=True)
+class ForgetSetsConfig:
+    # random forget sets of these sizes (training-set indices drawn without replacement)
+    random_sizes: tuple[int, ...] = (10, 50)
+    # forget every training example of this class (None: no full-class set)
+    full_class: int | None = 0
+    # sub-populations from the train x train margin-datamodel matrix (A2D, reference.md §4): the top-k scores on
+    # its first and second principal components (0: none) ...
+    pc_top_k: int = 0
+    # ... and n points from each end of PC1 and PC2 (0: none)
+    pc_ends: int = 0
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    # K: full models, and oracles (retrained without the forget set) per forget set, for KLOM (reference.md §4)
+    k: int = 8
+    # extra oracles per forget set whose mean logits are Oracle Matching's target (kept apart from the K
+    # oracles that KLOM compares against, so OM is not scored against its own targets)
+    om_oracles: int = 2
+    # models per work unit (= rows per Zarr chunk)
+    block_size: int = 4
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    # methods run on every full model for every forget set (unlearning.METHODS; retraining = the oracles)
+    methods: tuple[str, ...] = ("do_nothing", "dm_direct", "dm_matching", "oracle_matching", "mu_mis",
+                                "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub")
+    # which datamodel store DM-Direct and DMM read: lasso | trak
+    datamodel: str = "lasso"
+    # hyperparameter overrides per method, e.g. {dm_matching: {epochs: 2}}; keys are checked against the
+    # method's Hyperparameters dataclass
+    hparams: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ExecutorConfig:
     # ray (local cluster or --address / RAY_ADDRESS) | serial (in-process, for tests and debugging)
     kind: str = "ray"
@@ -115,6 +151,9 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     subsets: SubsetsConfig = field(default_factory=SubsetsConfig)
     datamodels: DatamodelsConfig = field(default_factory=DatamodelsConfig)
+    forget_sets: ForgetSetsConfig = field(default_factory=ForgetSetsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def resolved_run_dir(self) -> Path:
@@ -150,6 +189,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import stack_module_state
 
+from unlearning.base import predict_logits as _predict_logits
+
 if TYPE_CHECKING:
     from pipelines.tasks import Task, TaskData
 
@@ -167,15 +169,9 @@ def _train_one(task: "Task", model: nn.Module, stream: torch.Tensor, x_train, y_
     return predict_logits(model, x_targets, eval_batch)
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 2048) -> np.ndarray:
-    """Logits (n, C) float32 of a model in eval mode, in batches."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = torch.cat([model(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)])
-    model.train(was_training)
-    return out.numpy()
+    """Logits (n, C) float32 numpy of a model in eval mode, in batches (unlearning.base.predict_logits)."""
+    return _predict_logits(model, x, batch_size=batch).cpu().numpy()
 
 
 def _train_packed(task: "Task", models: list[nn.Module], streams: torch.Tensor, x_train, y_train, x_targets,

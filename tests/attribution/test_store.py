@@ -14,7 +14,7 @@ def test_create_then_reopen_keeps_data(tmp_path):
     g2 = open_or_create(tmp_path / "s.zarr", SPEC, kind="k", config={"a": 1, "b": {"c": (1, 2)}})
     np.testing.assert_array_equal(g2["x"][:4], 1.0)
     info = summary(tmp_path / "s.zarr")
-    assert (info["done"], info["total"]) == (4, 8)
+    assert info["completion"] == {".": [4, 8]}
     # a plain zarr reader sees the same
     assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["config"]["b"]["c"] == [1, 2]
 

@@ -1,0 +1,87 @@
+"""The pipeline's stages: each reads the run's config and earlier stores, and writes its own store in the run dir.
+
+`dmu run` calls them in order; every stage skips work already done, so a rerun resumes. Work units are module-level
+functions (so Ray can ship them) that take a unit and shared inputs and return arrays; the stage driver writes them.
+This module holds what all stages share (the run context) and the stage order; each stage is a module beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from pipelines.config import ConfigError, RunConfig, to_dict
+from pipelines.executor import Executor, make_executor
+from pipelines.tasks import Task, TaskData, get_task
+
+log = logging.getLogger("dmu")
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the config, the run directory, the task and its data, the executor."""
+
+    cfg: RunConfig
+    run_dir: Path
+    address: str | None = None
+    data_dir: Path | None = None
+    _executor: Executor | None = field(default=None, repr=False)
+
+    @cached_property
+    def task(self) -> Task:
+        return get_task(self.cfg.task)
+
+    @cached_property
+    def data(self) -> TaskData:
+        return self.task.load_data(self.data_dir)
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            self._executor = make_executor(self.cfg.executor, self.address)
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def dataset_attrs(self) -> dict:
+        return {"dataset": self.cfg.task.name, "dataset_fingerprint": self.data.fingerprint(),
+                "n_train": self.data.n_train, "n_targets": self.data.n_targets,
+                "num_classes": self.data.num_classes, "targets": self.data.target_map()}
+
+
+def _stages() -> dict[str, Callable[[RunContext], None]]:
+    from pipelines.stages import forget_sets, models, report, subsets, unlearn
+
+    return {"subsets": subsets.run, "forget_sets": forget_sets.run, "models": models.run,
+            "unlearn": unlearn.run, "report": report.run}
+
+
+def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
+    known = _stages()
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; known, in order: {', '.join(known)}")
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    # the run's config, for `dmu unlearn` / `dmu report` (each store also keeps the part it depends on)
+    (ctx.run_dir / "config.json").write_text(json.dumps(to_dict(ctx.cfg), indent=2))
+    for name in stages:
+        log.info("stage %s", name)
+        known[name](ctx)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config a run was made with (runs/<name>/config.json)."""
+    from pipelines.config import from_dict
+
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json): run `dmu run CONFIG` first")
+    return dataclasses.replace(from_dict(RunConfig, json.loads(path.read_text())), run_dir=str(run_dir))

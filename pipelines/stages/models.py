@@ -1,0 +1,98 @@
+"""Stage `models`: K full models (all training data) and, per forget set, K + om_oracles oracles (retrained
+without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
+
+Layout: `full/{params,logits,seconds,done}` and `oracle/<forget_set>/{...}`, one row per model. The first K oracles
+are KLOM's reference; the last om_oracles are Oracle Matching's target (kept apart so OM is not scored against the
+very models it matched). Work unit = (ensemble, block of model indices).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from attribution.masks import model_seeds
+from attribution.store import ArraySpec, open_or_create, open_store
+from pipelines.config import RunConfig, TaskConfig, to_dict
+from pipelines.stages import RunContext
+from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.tasks import TaskData, get_task
+from pipelines.training import state_vector, train_models
+
+KIND = "models"
+FULL_STREAM = 2  # seed stream of the full models; oracles use one stream per forget set (oracle_stream)
+
+
+def oracle_stream(forget_set: str) -> int:
+    return 1000 + zlib.crc32(forget_set.encode())
+
+
+def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, int, int]]:
+    """name -> (forget indices or None, number of models, seed stream)."""
+    k = cfg.models.k
+    out = {"full": (None, k, FULL_STREAM)}
+    for name, idx in forget_sets.items():
+        out[f"oracle/{name}"] = (idx, k + cfg.models.om_oracles, oracle_stream(name))
+    return out
+
+
+def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict:
+    return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
+            "forget_sets": {n: zlib.crc32(np.asarray(i, np.int64).tobytes()) for n, i in forget_sets.items()}}
+
+
+def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
+                         plans: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work unit: models start..stop-1 of one ensemble; returns logits, params, seconds per model."""
+    name, start, stop = unit
+    forget, _, stream = plans[name]
+    mask = np.ones(data.n_train, dtype=bool)
+    if forget is not None:
+        mask[forget] = False
+    masks = np.repeat(mask[None], stop - start, axis=0)
+    seeds = model_seeds(stop - start, seed, stream, start=start)
+    result = train_models(get_task(task_cfg), data, masks, seeds, epoch_size=int(mask.sum()), return_params=True)
+    return result.logits, result.params, np.full(stop - start, result.seconds / (stop - start))
+
+
+def run(ctx: RunContext) -> None:
+    cfg, data = ctx.cfg, ctx.data
+    sets = forget_sets_stage.load(ctx.run_dir)
+    plans = ensembles(cfg, sets)
+    n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
+    block = cfg.models.block_size
+    arrays = {}
+    for name, (_, n, _) in plans.items():
+        arrays[f"{name}/logits"] = ArraySpec((n, data.n_targets, data.num_classes), "float32",
+                                             (block, data.n_targets, data.num_classes), float("nan"))
+        arrays[f"{name}/params"] = ArraySpec((n, n_params), "float32", (block, n_params), float("nan"))
+        arrays[f"{name}/seconds"] = ArraySpec((n,), "float64", (block,), float("nan"))
+        arrays[f"{name}/done"] = ArraySpec((n,), "bool", (block,), False)
+    group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=models_config(cfg, sets),
+                           attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": cfg.models.om_oracles,
+                                  "epochs": ctx.task.recipe.epochs})
+    units = []
+    for name, (_, n, _) in plans.items():
+        done = group[f"{name}/done"][:]
+        units += [(name, s, min(s + block, n)) for s in range(0, n, block) if not done[s:s + block].all()]
+    total = sum(n for _, n, _ in plans.values())
+    bar = tqdm(total=total, initial=total - sum(u[2] - u[1] for u in units), unit="model",
+               desc="full + oracle models", dynamic_ncols=True)
+    shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans}
+    try:
+        for (name, start, stop), (logits, params, seconds) in ctx.executor.map_unordered(
+                train_ensemble_block, units, shared):
+            group[f"{name}/logits"][start:stop] = logits
+            group[f"{name}/params"][start:stop] = params
+            group[f"{name}/seconds"][start:stop] = seconds
+            group[f"{name}/done"][start:stop] = True
+            bar.update(stop - start)
+    finally:
+        bar.close()
+
+
+def open_models(run_dir) -> zarr.Group:
+    return open_store(run_dir / "models.zarr", KIND)

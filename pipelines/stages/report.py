@@ -1,0 +1,19 @@
+"""Stage `report`: KLOM and the usual metrics for every method and forget set, the linear-model experiment, and
+plots, written to runs/<name>/report/ (report.md, metrics.json, PNGs). Also `dmu report RUN`."""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines.stages import RunContext
+
+log = logging.getLogger("dmu")
+
+
+def run(ctx: RunContext) -> None:
+    from pipelines.linear import linear_experiment
+    from pipelines.report import build_report
+
+    linear = linear_experiment()  # the seed paper's Figure 3: seconds on a CPU
+    build_report(ctx.run_dir, ctx.data.y_targets.numpy(), seed=ctx.cfg.seed, linear=linear)
+    log.info("report: %s", ctx.run_dir / "report" / "report.md")

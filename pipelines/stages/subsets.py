@@ -1,0 +1,58 @@
+"""Stage `subsets`: train the subset models through the executor into runs/<name>/subsets.zarr.
+
+Work unit = a block of model indices (one Zarr chunk); each unit regenerates its masks and seeds from the run seed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from attribution import subsets as subsets_store
+from attribution.masks import model_seeds, sample_masks
+from pipelines.config import RunConfig, TaskConfig, to_dict
+from pipelines.stages import RunContext
+from pipelines.tasks import TaskData, get_task
+from pipelines.training import state_vector, train_models
+
+log = logging.getLogger("dmu")
+
+# Seed stream of the subset models' training (attribution.masks.model_rng); other stages use other streams.
+SUBSET_TRAIN_STREAM = 1
+
+
+def subsets_config(cfg: RunConfig) -> dict:
+    """The settings that define subsets.zarr's contents (a rerun with others refuses)."""
+    s = cfg.subsets
+    return {"seed": cfg.seed, "task": to_dict(cfg.task),
+            "subsets": {"n_models": s.n_models, "alpha": s.alpha, "block_size": s.block_size,
+                        "keep_params": s.keep_params}}
+
+
+def train_subset_block(unit: tuple[int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int, alpha: float,
+                       keep_params: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Work unit: train subset models start..stop-1 (masks and seeds regenerated from the run seed)."""
+    start, stop = unit
+    task = get_task(task_cfg)
+    masks = sample_masks(stop - start, data.n_train, alpha, seed, start=start)
+    seeds = model_seeds(stop - start, seed, SUBSET_TRAIN_STREAM, start=start)
+    result = train_models(task, data, masks, seeds, epoch_size=round(alpha * data.n_train),
+                          return_params=start < keep_params)
+    return result.logits, result.params
+
+
+def run(ctx: RunContext) -> None:
+    cfg, data = ctx.cfg, ctx.data
+    s = cfg.subsets
+    n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
+    group = subsets_store.create_store(
+        ctx.run_dir / "subsets.zarr", n_models=s.n_models, n_train=data.n_train, n_targets=data.n_targets,
+        n_classes=data.num_classes, alpha=s.alpha, seed=cfg.seed, block_size=s.block_size,
+        keep_params=s.keep_params, n_params=n_params, config=subsets_config(cfg), attrs=ctx.dataset_attrs())
+    if not subsets_store.pending_blocks(group):
+        log.info("subsets: all %d models done", s.n_models)
+        return
+    subsets_store.run(group, ctx.executor, train_subset_block,
+                      shared={"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "alpha": s.alpha,
+                              "keep_params": s.keep_params})

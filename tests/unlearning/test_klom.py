@@ -1,0 +1,192 @@
+"""KLOM and margins against hand-computed values, a slow per-point np.histogram reference and brute force."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import entropy
+
+from unlearning.klom import EPS, N_BINS, klom, klom_summary, margins, oracle_floor
+
+
+def slow_klom_point(u: np.ndarray, o: np.ndarray) -> float:
+    """reference.md §4 for one point, with np.histogram (its last bin is closed, as the spec says)."""
+    u = np.clip(u, -100, 100)
+    o = np.clip(o, -100, 100)
+    lo = min(u.min(), o.min())
+    hi = max(u.max(), o.max())
+    if lo == hi:
+        return 0.0
+    p = np.histogram(u, bins=N_BINS, range=(lo, hi))[0] / len(u)
+    q = np.histogram(o, bins=N_BINS, range=(lo, hi))[0] / len(o)
+    assert p.sum() == pytest.approx(1.0) and q.sum() == pytest.approx(1.0)  # every sample counted
+    q = np.maximum(q, 1e-5)
+    q = q / q.sum()
+    return float(entropy(p, q))  # sum p log(p/q) over p > 0
+
+
+def test_identical_samples_score_only_the_floor():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(100, 7))
+    values = klom(m, m)
+    assert np.all(values < 1e-3)
+    # Exactly log(1 + k eps), k = the number of empty bins, from the renormalised floor.
+    for j in range(7):
+        counts = np.histogram(m[:, j], bins=N_BINS, range=(m[:, j].min(), m[:, j].max()))[0]
+        k = int((counts == 0).sum())
+        assert values[j] == pytest.approx(math.log1p(k * EPS), rel=1e-9, abs=1e-15)
+
+
+def test_disjoint_samples_reach_log_one_over_eps():
+    # Point 0: every unlearned margin at 0, every oracle margin at 1 -> p = e_0, q = e_19, 19 bins floored.
+    # Point 1: unlearned spread over the low bins, oracle over the high bins.
+    rng = np.random.default_rng(1)
+    u = np.stack([np.zeros(50), rng.uniform(0.0, 1.0, 50)], axis=1)
+    o = np.stack([np.ones(40), rng.uniform(9.0, 10.0, 40)], axis=1)
+    values = klom(u, o)
+    assert values[0] == pytest.approx(math.log((1 + 19 * EPS) / EPS), rel=1e-12)
+    assert values[0] == pytest.approx(11.513, abs=1e-3)
+    # Point 1: KL = sum_b p_b log(p_b (1 + k eps) / eps) = -H(p) + log((1 + k eps) / eps).
+    lo, hi = u[:, 1].min(), o[:, 1].max()
+    p = np.histogram(u[:, 1], bins=N_BINS, range=(lo, hi))[0] / 50
+    q_counts = np.histogram(o[:, 1], bins=N_BINS, range=(lo, hi))[0]
+    assert np.all(q_counts[p > 0] == 0)  # the two samples really are disjoint bin-wise
+    k = int((q_counts == 0).sum())
+    expected = -entropy(p) + math.log((1 + k * EPS) / EPS)
+    assert values[1] == pytest.approx(expected, rel=1e-12)
+    assert values[1] > math.log(1 / EPS) - math.log(N_BINS)
+
+
+def test_sample_equal_to_maximum_is_counted():
+    # Unlearned [0, 0, 1] vs oracle [0, 0, 0]: pooled range [0, 1]; the single 1 is the maximum, in bin 19.
+    # Counted: p = (2/3, 0, ..., 1/3) -> about 3.5. Dropped (the public versions' bug): p = e_0 -> about 2e-4.
+    u = np.array([[0.0], [0.0], [1.0]])
+    o = np.zeros((3, 1))
+    z = 1 + 19 * EPS  # q = e_0 floored on 19 bins, renormalised by z
+    expected = (2 / 3) * math.log((2 / 3) * z) + (1 / 3) * math.log((1 / 3) * z / EPS)
+    assert klom(u, o)[0] == pytest.approx(expected, rel=1e-12)
+    assert expected > 3.0 > math.log(z)
+
+
+def test_direction_is_unlearned_given_oracle():
+    # Unlearned [0, 0, 0, 1] -> p = (3/4, ..., 1/4); oracle [0, 0, 1, 1] -> q = (1/2, ..., 1/2); 18 empty.
+    u = np.array([0.0, 0.0, 0.0, 1.0])[:, None]
+    o = np.array([0.0, 0.0, 1.0, 1.0])[:, None]
+    z = 1 + 18 * EPS
+    kl_pq = 0.75 * math.log(0.75 / 0.5 * z) + 0.25 * math.log(0.25 / 0.5 * z)  # about 0.1308
+    kl_qp = 0.5 * math.log(0.5 / 0.75 * z) + 0.5 * math.log(0.5 / 0.25 * z)  # about 0.1438
+    assert klom(u, o)[0] == pytest.approx(kl_pq, rel=1e-12)
+    assert klom(o, u)[0] == pytest.approx(kl_qp, rel=1e-12)
+    assert abs(kl_pq - kl_qp) > 0.01
+
+
+def test_vectorised_equals_per_point_reference():
+    rng = np.random.default_rng(2)
+    n_points = 40
+    u = rng.normal(size=(60, n_points)) * rng.uniform(0.1, 5, n_points) + rng.normal(size=n_points)
+    o = rng.normal(size=(45, n_points)) * rng.uniform(0.1, 5, n_points)
+    # Ties on bin edges: integer margins 0..20 put samples exactly on every edge.
+    u[:, 0] = rng.integers(0, 21, 60)
+    o[:, 0] = rng.integers(0, 21, 45)
+    o[0, 0], u[0, 0] = 0, 20
+    # Clipping: samples beyond +-100 pile up at the clip value.
+    u[:, 1] = rng.normal(0, 300, 60)
+    o[:, 2] = rng.normal(150, 10, 45)
+    # All samples of both groups equal -> 0.
+    u[:, 3] = 2.5
+    o[:, 3] = 2.5
+    # A constant oracle, and a constant unlearned sample at a different value.
+    o[:, 4] = -1.0
+    u[:, 5] = 7.0
+    # Tiny spreads, where rounding in (x - lo) / width matters most.
+    u[:, 6] = 1.0 + 1e-12 * rng.normal(size=60)
+    o[:, 6] = 1.0 + 1e-12 * rng.normal(size=45)
+    values = klom(u, o)
+    reference = np.array([slow_klom_point(u[:, j], o[:, j]) for j in range(n_points)])
+    np.testing.assert_allclose(values, reference, rtol=1e-10, atol=1e-12)
+    assert values[3] == 0.0
+    assert values.shape == (n_points,)
+
+
+def test_klom_accepts_float32_and_rejects_bad_input():
+    rng = np.random.default_rng(3)
+    u = rng.normal(size=(20, 5)).astype(np.float32)
+    o = rng.normal(size=(30, 5)).astype(np.float32)
+    ref = [slow_klom_point(u[:, j].astype(np.float64), o[:, j].astype(np.float64)) for j in range(5)]
+    np.testing.assert_allclose(klom(u, o), ref, rtol=1e-10)
+    with pytest.raises(ValueError, match="same points"):
+        klom(u, o[:, :4])
+    with pytest.raises(ValueError, match="n_models, n_points"):
+        klom(u[:, 0], o[:, 0])
+    bad = u.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        klom(bad, o)
+
+
+def test_margins_match_brute_force():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 8, 5)) * 4
+    labels = rng.integers(0, 5, 8)
+    got = margins(logits, labels)
+    assert got.shape == (3, 8)
+    for k in range(3):
+        for j in range(8):
+            y = labels[j]
+            rest = sum(math.exp(logits[k, j, c]) for c in range(5) if c != y)
+            assert got[k, j] == pytest.approx(logits[k, j, y] - math.log(rest), rel=1e-12, abs=1e-12)
+    # 2-D logits (one model) give one margin per point.
+    np.testing.assert_allclose(margins(logits[1], labels), got[1])
+
+
+def test_margins_are_stable_for_large_logits():
+    logits = np.array([[1000.0, 0.0, 0.0], [0.0, -1000.0, 1000.0], [-800.0, -800.0, -800.0]])
+    labels = np.array([0, 1, 2])
+    got = margins(logits, labels)
+    np.testing.assert_allclose(got, [1000.0 - math.log(2.0), -2000.0, -math.log(2.0)], rtol=1e-12)
+
+
+def test_margins_reject_bad_input():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        margins(np.zeros((4, 3)), np.zeros(5, dtype=int))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        margins(np.zeros((4, 3)), np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="integers"):
+        margins(np.zeros((4, 3)), np.zeros(4))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        margins(np.zeros((4, 1)), np.zeros(4, dtype=int))
+
+
+def test_klom_summary_percentiles_and_mean():
+    values = np.arange(200, dtype=float)
+    sets = {"forget": np.arange(10), "retain": np.arange(10, 200), "mask": values >= 100}
+    summary = klom_summary(values, sets)
+    # numpy's linear interpolation over 0..9: p95 = 8.55, p99 = 8.91.
+    assert summary["forget"] == {
+        "p95": pytest.approx(8.55), "p99": pytest.approx(8.91), "mean": 4.5, "n_points": 10}
+    assert summary["retain"]["mean"] == pytest.approx(104.5)
+    assert summary["retain"]["p95"] == pytest.approx(10 + 0.95 * 189)
+    assert summary["mask"]["n_points"] == 100 and summary["mask"]["mean"] == pytest.approx(149.5)
+    with pytest.raises(ValueError, match="empty"):
+        klom_summary(values, {"none": np.array([], dtype=int)})
+    with pytest.raises(ValueError, match="outside"):
+        klom_summary(values, {"far": np.array([500])})
+
+
+def test_oracle_floor_is_klom_between_disjoint_halves():
+    rng = np.random.default_rng(5)
+    oracle = rng.normal(size=(41, 30))
+    floor = oracle_floor(oracle, seed=7)
+    np.testing.assert_array_equal(floor, oracle_floor(oracle, seed=7))  # seeded
+    assert not np.array_equal(floor, oracle_floor(oracle, seed=8))
+    # The split is a random permutation into halves of 20: it must equal KLOM for that split.
+    order = np.random.default_rng(7).permutation(41)
+    np.testing.assert_allclose(floor, klom(oracle[order[:20]], oracle[order[20:40]]))
+    # Same distribution on both sides, 100 vs 100: far below the disjoint value log(1/eps) ~ 11.5 (measured
+    # median 0.40). At 20 vs 20 it reads higher (median 2.4 here): empty oracle bins cost log(1/eps) each.
+    big = rng.normal(size=(201, 30))
+    assert np.median(oracle_floor(big, seed=7)) < 1.0 < np.median(floor)
+    # Identical oracle models -> every point all-equal -> 0.
+    np.testing.assert_array_equal(oracle_floor(np.ones((10, 4)), seed=0), 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        oracle_floor(oracle[:1], seed=0)

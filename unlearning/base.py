@@ -1,0 +1,254 @@
+"""Shared types and plumbing of the unlearning methods: the training data, the forget-set checks, the result
+and cost.
+
+Data flow: the pipeline hands a trained model, its training set (`UnlearnData`) and forget-set indices to a
+method in `unlearning.METHODS`; every method returns an `UnlearnResult` holding a new model (the input is
+never mutated) and its `Cost`. This module holds nothing method-specific; it imports neither `attribution` nor
+`pipelines`.
+
+Cost convention (used by every method): one forward + backward of one example = 1 example pass; a forward
+alone counts 1/3 pass (the backward costs about twice the forward). Double-backward steps (MU-Mis) are counted
+in `mumis.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Forward-only passes cost a third of a forward + backward pass (module docstring).
+FORWARD_PASS = 1.0 / 3.0
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an unlearning run cost: wall-clock seconds and example passes (1 = forward + backward of one
+    example)."""
+
+    seconds: float
+    example_passes: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.seconds + other.seconds, self.example_passes + other.example_passes)
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    """A method's output: `model` is a new nn.Module in eval mode (for dm_direct a `DatamodelPredictor`),
+    `cost` what it took, `info` method-specific diagnostics (e.g. MU-Mis steps and why it stopped; the retain
+    points OM sampled)."""
+
+    model: Any
+    cost: Cost
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnlearnData:
+    """The training set the model was trained on: inputs `x` (N, ...) and integer labels `y` (N,).
+
+    Row i is training example i, i.e. datamodel target i in the project's target indexing (training examples
+    first, then test examples). numpy arrays are accepted and turned into tensors (labels into int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        x = torch.as_tensor(self.x)
+        y = torch.as_tensor(self.y)
+        if x.ndim < 1 or y.ndim != 1:
+            raise ValueError(
+                f"UnlearnData needs x of shape (N, ...) and y of shape (N,); got x {tuple(x.shape)}, "
+                f"y {tuple(y.shape)}."
+            )
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"UnlearnData: x has {x.shape[0]} rows but y has {y.shape[0]}; "
+                "they must be the same examples."
+            )
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"UnlearnData: labels y must be integers (class ids), got dtype {y.dtype}.")
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y.to(torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> UnlearnData:
+        """The examples at `idx` (a 1-D index tensor), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
+        return UnlearnData(self.x[idx], self.y[idx.to(self.y.device)])
+
+
+def check_forget_idx(forget_idx: Any, n_train: int) -> torch.Tensor:
+    """Validate forget-set indices into a training set of `n_train` examples; return them as a CPU int64
+    tensor.
+
+    Errors (ValueError): not integers (boolean masks included), not 1-D, empty, out of [0, n_train),
+    duplicated."""
+    if isinstance(forget_idx, torch.Tensor):
+        arr = forget_idx.detach().cpu().numpy()
+    else:
+        arr = np.asarray(forget_idx)
+    if arr.dtype == np.bool_:
+        raise ValueError(
+            "forget_idx is a boolean mask; pass the indices of the forget set instead "
+            "(e.g. np.flatnonzero(mask))."
+        )
+    if arr.size > 0 and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"forget_idx must hold integer indices into the training set, got dtype {arr.dtype}; "
+            "cast whole-number floats with .astype(int) if that is what you meant."
+        )
+    if arr.ndim != 1:
+        raise ValueError(f"forget_idx must be a 1-D array of indices, got shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError("forget_idx is empty: there is nothing to unlearn; use do_nothing for a no-op.")
+    bad = arr[(arr < 0) | (arr >= n_train)]
+    if bad.size:
+        raise ValueError(
+            f"forget_idx has {bad.size} index(es) out of range [0, {n_train}) for a training set of "
+            f"{n_train} examples, e.g. {bad[:5].tolist()}; forget-set ids index the training examples "
+            "(targets 0..N-1)."
+        )
+    uniq, counts = np.unique(arr, return_counts=True)
+    if uniq.size != arr.size:
+        raise ValueError(
+            f"forget_idx has duplicated indices {uniq[counts > 1][:5].tolist()}; each training example can "
+            "be forgotten once: pass np.unique(forget_idx)."
+        )
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+def retain_indices(n_train: int, forget_idx: torch.Tensor) -> torch.Tensor:
+    """The training indices not in the forget set, ascending (CPU int64)."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[forget_idx] = False
+    return torch.nonzero(keep).flatten()
+
+
+def resolve_hyperparameters(cls: type, hparams: Any, overrides: dict[str, Any]) -> Any:
+    """Build a method's frozen hyperparameter dataclass: defaults (or `hparams`) with keyword `overrides` on
+    top.
+
+    An unknown keyword is an error that lists the method's hyperparameters, so a typo never passes
+    silently."""
+    if hparams is None:
+        hparams = cls()
+    elif not isinstance(hparams, cls):
+        raise ValueError(f"hparams must be a {cls.__name__}, got {type(hparams).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown} for {cls.__name__}; its hyperparameters are {sorted(names)}."
+        )
+    return dataclasses.replace(hparams, **overrides)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's parameters (or buffers) live on; CPU for a parameterless module."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy, so that methods train on their own parameters and never mutate the caller's model."""
+    return copy.deepcopy(model)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; nothing on CPU, where it does not pay for these small models.
+
+    bf16 keeps fp32's exponent range, so no gradient scaler is needed."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Run a method under `seed`: yields a CPU generator for sampling and shuffling (same draws on every
+    device), and seeds torch's global RNG inside a fork (for dropout), leaving the caller's RNG state
+    untouched."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda"
+    ) else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+class Stopwatch:
+    """Wall-clock seconds of a method, synchronising CUDA so that queued kernels are counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._sync()
+        self.start = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def seconds(self) -> float:
+        self._sync()
+        return time.perf_counter() - self.start
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 1024, amp: bool = False
+) -> torch.Tensor:
+    """The model's logits on `x` in eval mode (BatchNorm running statistics, no dropout), as float32 on the
+    model's device. The model's train/eval mode is restored afterwards."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device, non_blocking=True)
+            with autocast(device, amp):
+                out.append(model(xb).float())
+        return torch.cat(out)
+    finally:
+        model.train(was_training)
+
+
+def as_float_tensor(name: str, value: Any, shape: tuple, device: torch.device) -> torch.Tensor:
+    """Turn an input array (numpy or tensor) into a float32 tensor on `device`, checking its shape (None =
+    any) and that every entry is finite."""
+    t = torch.as_tensor(value)
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a numeric array, got dtype {t.dtype}.")
+    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}.")
+    t = t.to(device=device, dtype=torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return t
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of minibatch positions 0..n-1 in a seeded random order (CPU tensors)."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a method may update: those that require gradients in the caller's model."""
+    return [p for p in model.parameters() if p.requires_grad]
