@@ -58,9 +58,9 @@ class RunContext:
 
 
 def _stages() -> dict[str, Callable[[RunContext], None]]:
-    from pipelines.stages import forget_sets, models, report, subsets, unlearn
+    from pipelines.stages import datamodels, forget_sets, models, report, subsets, unlearn
 
-    return {"subsets": subsets.run, "forget_sets": forget_sets.run, "models": models.run,
+    return {"subsets": subsets.run, "datamodels": datamodels.run, "forget_sets": forget_sets.run, "models": models.run,
             "unlearn": unlearn.run, "report": report.run}
 
 

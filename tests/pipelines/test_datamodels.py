@@ -1,0 +1,112 @@
+"""The datamodels stage on a planted linear problem written into a real subsets.zarr (no training needed)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import zarr
+from sklearn.linear_model import Lasso
+
+from attribution import subsets as subsets_store
+from attribution.store import StoreError
+from pipelines.config import ConfigError, DatamodelsConfig
+from pipelines.stages import RunContext, run_stages
+from pipelines.stages.subsets import subsets_config
+from tests.conftest import small_config
+from unlearning.klom import margins
+
+N_TRAIN, N_TEST, C = 200, 50, 10
+
+
+def planted_run(tmp_path, *, n_models=160, kind="serial", datamodels=None, corrupt=None):
+    """A run whose subset logits are an exact sparse linear function of the masks plus noise."""
+    cfg = small_config(tmp_path, kind=kind, n_models=n_models, block=32)
+    cfg = dataclasses.replace(cfg, datamodels=datamodels or DatamodelsConfig(n_val=32, n_lds=32, target_chunk=64,
+                                                                            n_lambdas=8))
+    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
+    data = ctx.data
+    group = subsets_store.create_store(
+        ctx.run_dir / "subsets.zarr", n_models=n_models, n_train=N_TRAIN, n_targets=data.n_targets, n_classes=C,
+        alpha=0.5, seed=cfg.seed, block_size=32, keep_params=0, n_params=1, config=subsets_config(cfg),
+        attrs=ctx.dataset_attrs())
+    rng = np.random.default_rng(0)
+    weights = np.zeros((N_TRAIN, data.n_targets, C), np.float32)
+    for j in range(data.n_targets):  # each target output depends on 3 training points
+        weights[rng.choice(N_TRAIN, 3, replace=False), j, :] = rng.normal(0, 1, (3, C))
+    masks = group["masks"][:]
+    logits = np.einsum("mn,ntc->mtc", masks.astype(np.float32), weights) + rng.normal(0, 0.1, (n_models,
+                                                                                            data.n_targets, C))
+    if corrupt is not None:
+        corrupt(logits)
+    group["logits"][:] = logits.astype(np.float32)
+    group["done"][:] = True
+    return ctx, masks, logits, weights
+
+
+def test_lasso_stage_recovers_planted_weights_and_matches_sklearn(tmp_path):
+    ctx, masks, logits, weights = planted_run(tmp_path)
+    run_stages(ctx, ["datamodels"])
+    g = zarr.open_group(str(ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    w = g["weights"][:]
+    assert w.shape == (N_TRAIN, N_TRAIN + N_TEST, C) and g["done"][:].all()
+    # planted effects are recovered (noise 0.1, 128 fit+val models)
+    assert np.abs(w - weights).max() < 0.35
+    assert np.corrcoef(w.ravel(), weights.ravel())[0, 1] > 0.97
+    # at the stored λ, every column equals scikit-learn's Lasso on the fit + validation models
+    fitval = slice(0, 128)
+    for t, c in [(0, 0), (7, 3), (230, 9)]:
+        ref = Lasso(alpha=float(g["lambda"][t, c]), tol=1e-10, max_iter=100000).fit(masks[fitval],
+                                                                                       logits[fitval, t, c])
+        np.testing.assert_allclose(w[:, t, c], ref.coef_, atol=2e-3)
+        assert g["bias"][t, c] == pytest.approx(ref.intercept_, abs=2e-3)
+    # LDS on the 32 held-out models is high for a noiseless-ish linear problem
+    assert g.attrs["lds_mean"] > 0.8
+    # margins are fit too
+    y = margins(logits, ctx.data.y_targets.numpy())
+    assert g["margin_weights"].shape == (N_TRAIN, N_TRAIN + N_TEST) and np.isfinite(g["margin_lds"][:]).mean() > 0.9
+    assert np.isfinite(y).all()
+
+
+@pytest.mark.ray
+def test_ray_equals_serial(tmp_path, ray_local):
+    serial, *_ = planted_run(tmp_path / "s")
+    run_stages(serial, ["datamodels"])
+    ray_ctx, *_ = planted_run(tmp_path / "r", kind="ray")
+    run_stages(ray_ctx, ["datamodels"])
+    a = zarr.open_group(str(serial.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    b = zarr.open_group(str(ray_ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    np.testing.assert_array_equal(a["weights"][:], b["weights"][:])
+
+
+def test_nan_outputs_refused_and_nothing_written(tmp_path):
+    def corrupt(logits):
+        logits[5, 3, 2] = np.nan
+
+    ctx, *_ = planted_run(tmp_path, corrupt=corrupt)
+    with pytest.raises(StoreError, match=r"non-finite logits in models \[5\]"):
+        run_stages(ctx, ["datamodels"])
+    assert not (ctx.run_dir / "datamodels" / "lasso.zarr").exists()
+
+
+def test_empty_or_too_large_held_out_slices(tmp_path):
+    ctx, *_ = planted_run(tmp_path, datamodels=DatamodelsConfig(n_val=0, n_lds=32))
+    with pytest.raises(ConfigError, match="n_val"):
+        run_stages(ctx, ["datamodels"])
+    ctx, *_ = planted_run(tmp_path / "b", datamodels=DatamodelsConfig(n_val=100, n_lds=100))
+    with pytest.raises(ConfigError, match="leaves -40 models"):
+        run_stages(ctx, ["datamodels"])
+
+
+def test_store_of_another_dataset_refused(tmp_path):
+    ctx, *_ = planted_run(tmp_path)
+    other = dataclasses.replace(ctx.cfg, task=dataclasses.replace(ctx.cfg.task, n_test=40))
+    with pytest.raises(StoreError, match="another dataset"):
+        run_stages(RunContext(cfg=other, run_dir=ctx.run_dir), ["datamodels"])
+
+
+def test_mismatched_model_counts_refused(tmp_path):
+    ctx, *_ = planted_run(tmp_path)
+    g = zarr.open_group(str(ctx.run_dir / "subsets.zarr"), mode="r+")
+    g["masks"].resize((150, N_TRAIN))
+    with pytest.raises(StoreError, match="150 masks but 160 rows of logits"):
+        run_stages(ctx, ["datamodels"])
