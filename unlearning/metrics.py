@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -71,7 +72,10 @@ def population_mia(forget_losses, test_losses, seed: int) -> float:
     member = np.concatenate([np.ones(n, dtype=int), np.zeros(n, dtype=int)])
     folds = StratifiedKFold(n_splits=MIA_FOLDS, shuffle=True, random_state=seed)
     attack = make_pipeline(StandardScaler(), LogisticRegression())
-    return float(cross_val_score(attack, x, member, cv=folds, scoring="accuracy").mean())
+    # the folds of cross_val_score, without its per-call overhead (~0.2 s, 12x the fits themselves): a report
+    # makes K x methods x forget sets of these calls
+    scores = [clone(attack).fit(x[a], member[a]).score(x[b], member[b]) for a, b in folds.split(x, member)]
+    return float(np.mean(scores))
 
 
 def cost_fraction(cost, retrain_cost):

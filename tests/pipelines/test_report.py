@@ -1,0 +1,226 @@
+"""The report on a hand-built run dir (K=6, N=30, T=40, C=3, two forget sets): KLOM against klom.klom and a
+per-point np.histogram reference, accuracies against a hand count, cost against its formula, MIA against
+population_mia, the markdown rows, valid PNGs, and incomplete stores skipped and named."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from scipy.stats import entropy
+
+from attribution.store import ArraySpec, StoreError, open_or_create
+from pipelines.linear import linear_experiment
+from pipelines.report import build_report
+from unlearning.klom import N_BINS, klom, klom_summary, margins, oracle_floor
+from unlearning.metrics import per_example_loss, population_mia
+
+K, OM, N, T, C, EPOCHS = 6, 2, 30, 40, 3, 5
+SEED = 3
+FORGET_SETS = {"random_5": [1, 4, 9, 17, 22], "random_8": [0, 3, 5, 8, 13, 21, 25, 29]}
+METHODS = ("do_nothing", "perfect", "bad")
+
+
+def draw_logits(rng, labels, trained: np.ndarray, n_models: int) -> np.ndarray:
+    """Noisy logits with a boost on the label class: large on the points a model trained on (memorised),
+    small elsewhere, so removing a point moves its margin as retraining would."""
+    boost = np.full(T, 0.5)
+    boost[trained] = 4.0
+    z = rng.normal(0.0, 1.0, (n_models, T, C))
+    z[:, np.arange(T), labels] += boost
+    return z.astype(np.float32)
+
+
+def write_store(path, arrays: dict[str, np.ndarray], kind: str, attrs: dict):
+    specs = {name: ArraySpec(a.shape, str(a.dtype), a.shape) for name, a in arrays.items()}
+    group = open_or_create(path, specs, kind=kind, config={}, attrs=attrs)
+    for name, a in arrays.items():
+        group[name][...] = a
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    run_dir = tmp_path_factory.mktemp("report") / "tiny"
+    run_dir.mkdir()
+    labels = rng.integers(0, C, T)
+    sets = {name: {"indices": idx, "size": len(idx), "how": f"{len(idx)} points by hand"}
+            for name, idx in FORGET_SETS.items()}
+    sets["no_oracles"] = {"indices": [2, 7], "size": 2, "how": "its oracles were never trained"}
+    (run_dir / "forget_sets.json").write_text(json.dumps({"config": {}, "sets": sets}))
+    train = np.arange(N)
+    arrays = {"full/logits": draw_logits(rng, labels, train, K), "full/seconds": np.full(K, 2.0),
+              "full/done": np.ones(K, bool)}
+    truth = {"labels": labels, "oracles": {}, "unlearned": {}}
+    for fs, idx in FORGET_SETS.items():
+        retain = np.setdiff1d(train, idx)
+        oracles = draw_logits(rng, labels, retain, K)
+        # OM's oracles (the last om_oracles) are wildly different: any use of them would change every number.
+        om = oracles[:OM] + 50.0 * np.eye(C, dtype=np.float32)[(labels + 1) % C]
+        arrays[f"oracle/{fs}/logits"] = np.concatenate([oracles, om])
+        arrays[f"oracle/{fs}/seconds"] = np.concatenate([1.5 + 0.1 * np.arange(K), np.full(OM, 1e3)])
+        arrays[f"oracle/{fs}/done"] = np.ones(K + OM, bool)
+        truth["oracles"][fs] = oracles
+        bad = oracles.copy()
+        bad[:, np.arange(T), (labels + 1) % C] += 3.0  # a wrong class pushed up everywhere
+        methods = {
+            "do_nothing": (arrays["full/logits"], np.zeros(K)),
+            # model k gets oracle k-1's logits: the same margin sample, so KLOM is only the eps floor
+            "perfect": (np.roll(oracles, 1, axis=0), np.full(K, 30.0)),
+            "bad": (bad, 10.0 * np.arange(1, K + 1)),
+        }
+        truth["unlearned"][fs] = {}
+        for method, (logits, passes) in methods.items():
+            seconds = 0.01 + 0.2 * rng.random(K)
+            write_store(run_dir / "unlearned" / fs / f"{method}.zarr",
+                        {"logits": logits, "seconds": seconds, "example_passes": passes,
+                         "done": np.ones(K, bool)}, "unlearned", {"method": method, "forget_set": fs})
+            truth["unlearned"][fs][method] = {"logits": logits, "seconds": seconds, "passes": passes}
+    # An unfinished store: half its models done.
+    write_store(run_dir / "unlearned" / "random_5" / "gradient_ascent.zarr",
+                {"logits": np.zeros((K, T, C), np.float32), "seconds": np.zeros(K),
+                 "example_passes": np.zeros(K), "done": np.arange(K) < 3},
+                "unlearned", {"method": "gradient_ascent", "forget_set": "random_5"})
+    write_store(run_dir / "models.zarr", arrays, "models",
+                {"k": K, "om_oracles": OM, "epochs": EPOCHS, "n_train": N, "n_targets": T, "num_classes": C,
+                 "targets": {"train": [0, N], "test": [N, T]}})
+    write_store(run_dir / "datamodels" / "lasso.zarr", {}, "datamodels",
+                {"lds_mean": 0.41, "lds_margin_mean": 0.45,
+                 "lds_curve": [[300, 0.27], [600, 0.37], [1200, 0.45]]})
+    write_store(run_dir / "datamodels" / "trak.zarr", {}, "datamodels",
+                {"lds_mean": 0.3, "lds_curve": [[10, 0.32], [50, 0.48]]})
+    linear = linear_experiment(iters=200, seeds=(0,))
+    metrics = build_report(run_dir, labels, seed=SEED, linear=linear)
+    return run_dir, metrics, truth
+
+
+def point_sets(fs):
+    forget = np.array(FORGET_SETS[fs])
+    return {"forget": forget, "retain": np.setdiff1d(np.arange(N), forget), "validation": np.arange(N, T)}
+
+
+def slow_klom_point(u: np.ndarray, o: np.ndarray) -> float:
+    """reference.md §4 for one point, with np.histogram (last bin closed), independent of unlearning.klom."""
+    u, o = np.clip(u, -100, 100), np.clip(o, -100, 100)
+    lo, hi = min(u.min(), o.min()), max(u.max(), o.max())
+    if lo == hi:
+        return 0.0
+    p = np.histogram(u, bins=N_BINS, range=(lo, hi))[0] / len(u)
+    q = np.maximum(np.histogram(o, bins=N_BINS, range=(lo, hi))[0] / len(o), 1e-5)
+    return float(entropy(p, q / q.sum()))
+
+
+def test_klom_matches_an_independent_computation(run):
+    _, metrics, truth = run
+    labels = truth["labels"]
+    for fs in FORGET_SETS:
+        oracle_m = margins(truth["oracles"][fs], labels)
+        for method in METHODS:
+            u = margins(truth["unlearned"][fs][method]["logits"], labels)
+            expected = klom_summary(klom(u, oracle_m), point_sets(fs))
+            got = metrics["forget_sets"][fs]["methods"][method]["klom"]
+            for s in expected:
+                for stat in ("p95", "p99", "mean"):
+                    assert got[s][stat] == pytest.approx(expected[s][stat], rel=1e-12, abs=1e-12)
+            # per-point reference from np.histogram, summarised with np.percentile
+            forget = point_sets(fs)["forget"]
+            slow = np.array([slow_klom_point(u[:, j], oracle_m[:, j]) for j in forget])
+            assert got["forget"]["p95"] == pytest.approx(np.percentile(slow, 95), rel=1e-9, abs=1e-12)
+            assert got["forget"]["mean"] == pytest.approx(slow.mean(), rel=1e-9, abs=1e-12)
+        floor = klom_summary(oracle_floor(oracle_m, SEED), point_sets(fs))
+        got = metrics["forget_sets"][fs]["oracle_floor"]["klom"]
+        assert {s: got[s]["p95"] for s in got} == pytest.approx({s: floor[s]["p95"] for s in floor})
+
+
+def test_perfect_method_scores_the_floor_and_doing_nothing_does_not(run):
+    _, metrics, _ = run
+    for fs in FORGET_SETS:
+        m = metrics["forget_sets"][fs]["methods"]
+        # identical samples: KLOM = log(1 + (empty bins) eps) <= log(1 + 20e-5)
+        assert all(m["perfect"]["klom"][s]["p99"] <= np.log1p(N_BINS * 1e-5) for s in point_sets(fs))
+        assert m["do_nothing"]["klom"]["forget"]["p95"] > 5.0
+        assert m["bad"]["klom"]["validation"]["mean"] > 5.0
+
+
+def test_accuracies_mia_and_cost_match_hand_computation(run):
+    _, metrics, truth = run
+    labels = truth["labels"]
+    for fs in FORGET_SETS:
+        sets = point_sets(fs)
+        f = metrics["forget_sets"][fs]
+        oracle_seconds = np.mean(1.5 + 0.1 * np.arange(K))  # the first K oracles only
+        retrain_passes = EPOCHS * (N - len(FORGET_SETS[fs]))
+        for method in METHODS:
+            t = truth["unlearned"][fs][method]
+            got = f["methods"][method]
+            for name, s in (("forget", "forget"), ("retain", "retain"), ("test", "validation")):
+                correct = sum(int(np.argmax(t["logits"][m, j]) == labels[j])
+                              for m in range(K) for j in sets[s])
+                assert got["accuracy"][name] == pytest.approx(correct / (K * len(sets[s])), rel=1e-12)
+            cost = got["cost"]
+            assert cost["passes_fraction"] == pytest.approx(t["passes"].mean() / retrain_passes, rel=1e-12)
+            assert cost["seconds_fraction"] == pytest.approx(t["seconds"].mean() / oracle_seconds, rel=1e-9)
+            assert got["cost"]["seconds"] == pytest.approx(t["seconds"].mean(), rel=1e-9)
+            if fs != "random_8":
+                continue  # one forget set is enough for the MIA (each attack is 5 cross-validated fits)
+            losses = per_example_loss(t["logits"], labels)
+            mia = np.mean([population_mia(losses[m, sets["forget"]], losses[m, sets["validation"]], SEED + m)
+                           for m in range(K)])
+            assert got["mia"] == pytest.approx(mia, rel=1e-12)
+        r = f["retrain"]
+        assert r["cost"]["passes_fraction"] == 1.0 and r["cost"]["seconds"] == pytest.approx(oracle_seconds)
+        correct = (truth["oracles"][fs].argmax(-1)[:, sets["retain"]] == labels[sets["retain"]]).mean()
+        assert r["accuracy"]["retain"] == pytest.approx(correct)
+
+
+def test_metrics_json_and_markdown(run):
+    run_dir, metrics, _ = run
+    out = run_dir / "report"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics and on_disk["k"] == K
+    assert on_disk["forget_sets"]["random_5"]["size"] == 5
+    assert on_disk["datamodels"]["lasso"]["lds_mean"] == 0.41
+    assert on_disk["linear"]["methods"]["om"]["label"] == "OM (all points)"
+    md = (out / "report.md").read_text()
+    for fs in FORGET_SETS:
+        assert f"## Forget set `{fs}`" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    for method in (*METHODS, "retrain (oracles)", f"oracle floor ({K // 2} vs {K // 2})"):
+        assert sum(line.startswith(f"| {method} |") for line in rows) == len(FORGET_SETS), method
+    do_nothing = next(line for line in rows if line.startswith("| do_nothing |"))
+    p95 = metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]["klom"]["forget"]["p95"]
+    assert do_nothing.split(" | ")[1] == f"{p95:.3g}"
+    for png in PNGS:
+        assert f"]({png})" in md
+
+
+def test_incomplete_store_is_skipped_and_reported(run):
+    run_dir, metrics, _ = run
+    assert "gradient_ascent" not in metrics["forget_sets"]["random_5"]["methods"]
+    assert any("random_5/gradient_ascent" in s and "3 of 6" in s for s in metrics["skipped"])
+    assert "random_5/gradient_ascent: 3 of 6 models done" in (run_dir / "report" / "report.md").read_text()
+    assert "no_oracles" not in metrics["forget_sets"]
+    assert any(s.startswith("forget set no_oracles: its first 6 oracles") for s in metrics["skipped"])
+
+
+PNGS = ["klom_vs_cost.png", "klom_distributions.png", "lds_curve.png", "linear.png"]
+
+
+@pytest.mark.parametrize("name", PNGS)
+def test_plots_are_valid_pngs(run, name):
+    data = (run[0] / "report" / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert width >= 400 and height >= 300 and len(data) > 10_000
+
+
+def test_bad_input_is_a_clear_error(run, tmp_path):
+    run_dir, _, truth = run
+    with pytest.raises(ValueError, match=r"shape \(40,\)"):
+        build_report(run_dir, truth["labels"][:-1])
+    with pytest.raises(ValueError, match="integer"):
+        build_report(run_dir, truth["labels"].astype(float))
+    with pytest.raises(StoreError, match="no store"):
+        build_report(tmp_path, truth["labels"])
