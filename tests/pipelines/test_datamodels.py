@@ -110,3 +110,28 @@ def test_mismatched_model_counts_refused(tmp_path):
     g["masks"].resize((150, N_TRAIN))
     with pytest.raises(StoreError, match="150 masks but 160 rows of logits"):
         run_stages(ctx, ["datamodels"])
+
+
+def test_trak_stage_end_to_end_on_real_subset_models(tmp_path):
+    """Real subset models -> LASSO and TRAK stores in one schema; calibrated TRAK agrees in sign with LASSO."""
+    cfg = small_config(tmp_path, n_models=128, block=32, keep_params=8)
+    cfg = dataclasses.replace(cfg, datamodels=DatamodelsConfig(
+        methods=("lasso", "trak"), n_val=32, n_lds=32, target_chunk=128, n_lambdas=8, trak_checkpoints=8,
+        trak_proj_dim=64))
+    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
+    run_stages(ctx, ["subsets", "datamodels"])
+    lasso = zarr.open_group(str(ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    trak = zarr.open_group(str(ctx.run_dir / "datamodels" / "trak.zarr"), mode="r")
+    for name in ("weights", "bias", "lds", "margin_weights", "margin_lds"):
+        assert trak[name].shape == lasso[name].shape
+    assert np.isfinite(trak["weights"][:]).all()
+    a, b = lasso["margin_weights"][:].ravel(), trak["margin_weights"][:].ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.1
+    assert [n for n, _ in trak.attrs["lds_curve"]] == [2, 4, 8]
+    assert trak.attrs["lds_margin_mean"] > 0.05
+
+
+def test_trak_needs_kept_checkpoints(tmp_path):
+    ctx, *_ = planted_run(tmp_path, datamodels=DatamodelsConfig(methods=("trak",), n_val=32, n_lds=32))
+    with pytest.raises(ConfigError, match="keep_params"):
+        run_stages(ctx, ["datamodels"])
