@@ -20,7 +20,7 @@ from pipelines.config import RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.tasks import TaskData, get_task
-from pipelines.training import state_vector, train_models
+from pipelines.training import default_device, load_state_vector, predict_logits, state_vector, train_models
 
 KIND = "models"
 FULL_STREAM = 2  # seed stream of the full models; oracles use one stream per forget set (oracle_stream)
@@ -54,8 +54,16 @@ def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, da
         mask[forget] = False
     masks = np.repeat(mask[None], stop - start, axis=0)
     seeds = model_seeds(stop - start, seed, stream, start=start)
-    result = train_models(get_task(task_cfg), data, masks, seeds, epoch_size=int(mask.sum()), return_params=True)
-    return result.logits, result.params, np.full(stop - start, result.seconds / (stop - start))
+    task = get_task(task_cfg)
+    result = train_models(task, data, masks, seeds, epoch_size=int(mask.sum()), return_params=True)
+    # Store the logits that the stored params give through the task's own module, as every later consumer
+    # computes them (unlearning methods, `dmu unlearn`), not the packed forward's, which differ by float
+    # rounding (~1e-5): then do_nothing reproduces the full models' logits exactly, and DM-Direct starts from
+    # the logits of the model it stands for.
+    x_targets = data.x_targets.to(default_device())
+    logits = np.stack([predict_logits(load_state_vector(task.build_model(data.num_classes, 0), p)
+                                      .to(x_targets.device), x_targets) for p in result.params])
+    return logits, result.params, np.full(stop - start, result.seconds / (stop - start))
 
 
 def run(ctx: RunContext) -> None:

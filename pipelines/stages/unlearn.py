@@ -60,6 +60,9 @@ def datamodel_rows(run_dir: Path, datamodel: str, forget_idx: np.ndarray, data: 
         raise StoreError(f"datamodel store {datamodel}.zarr has weights {tuple(weights.shape)} but the task has "
                          f"(N, T, C) = {(data.n_train, data.n_targets, data.num_classes)}: it belongs to another "
                          "task or size; recompute the datamodels stage for this config")
+    if "done" in store and not np.asarray(store["done"][:]).all():
+        raise StoreError(f"datamodel store {datamodel}.zarr is not complete: finish the datamodels stage "
+                         "first (dmu run CONFIG --stages datamodels resumes it)")
     fp = store.attrs.get("dataset_fingerprint")
     if fp is not None and fp != data.fingerprint():
         raise StoreError(f"datamodel store {datamodel}.zarr was fit on another dataset (fingerprint {fp}): "
@@ -144,6 +147,14 @@ def run(ctx: RunContext) -> None:
         return
     needs_dm = any(m in DATAMODEL_METHODS for m in cfg.unlearn.methods)
     needs_om = "oracle_matching" in cfg.unlearn.methods
+    if needs_om:
+        if cfg.models.om_oracles < 1:
+            raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it "
+                              "matches)")
+        for fs in sets:
+            if not models[f"oracle/{fs}/done"][k:].all():
+                raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
+                                 "models stage first")
     shared = {
         "task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets,
         "full_params": models["full/params"][:k], "full_logits": models["full/logits"][:k],
@@ -153,8 +164,6 @@ def run(ctx: RunContext) -> None:
         if needs_dm else {},
         "hparams": cfg.unlearn.hparams,
     }
-    if needs_om and cfg.models.om_oracles < 1:
-        raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it matches)")
     total = len(sets) * len(cfg.unlearn.methods) * k
     bar = tqdm(total=total, initial=total - sum(u[3] - u[2] for u in units), unit="model",
                desc="unlearning", dynamic_ncols=True)
@@ -177,7 +186,11 @@ def read_forget_ids(path: Path) -> np.ndarray:
     if not path.exists():
         raise ConfigError(f"forget-id file {path} does not exist: write the training indices to forget, one per line")
     if path.suffix == ".npy":
-        ids = np.load(path, allow_pickle=False)
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"forget-id file {path} is not a readable .npy array of integers "
+                              f"({exc})") from exc
     else:
         text = path.read_text().replace(",", " ").replace("[", " ").replace("]", " ").split()
         try:
@@ -195,6 +208,7 @@ def serve_request(run_dir: Path, cfg: RunConfig, forget_ids: np.ndarray, method:
     from unlearning.base import check_forget_idx
     from unlearning.metrics import accuracy
 
+    check_methods(cfg)
     task = get_task(cfg.task)
     data = task.load_data()
     if method not in METHODS or method == "retrain":
@@ -218,6 +232,10 @@ def serve_request(run_dir: Path, cfg: RunConfig, forget_ids: np.ndarray, method:
         if not match:
             raise ConfigError("oracle_matching needs oracles retrained without this forget set, and the run has "
                               "none: use dm_matching, which needs only the datamodels")
+        if models.attrs["om_oracles"] < 1 or not models[f"oracle/{match[0]}/done"][k:].all():
+            raise ConfigError(f"oracle_matching needs Oracle Matching's oracles for {match[0]!r} "
+                              "(models.om_oracles >= 1, trained by the models stage): finish the models "
+                              "stage, or use dm_matching")
         inputs = {"oracle_logits": np.asarray(models[f"oracle/{match[0]}/logits"][k:]).mean(0)[:data.n_train]}
     hp = {**cfg.unlearn.hparams.get(method, {}), **(hparams or {})}
     unlearned, logits, seconds, passes, _ = unlearn_model(
