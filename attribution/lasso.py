@@ -1,7 +1,8 @@
 """Batched LASSO: linear datamodels for many targets at once (reference.md §1).
 
-Data flow: subset masks (M, N) and the outputs of the subset models (M, T) from subsets.zarr -> `LassoDatamodels`
--> datamodel weights (N, T), bias and lambda per target, which the datamodels stage writes to datamodels/lasso.zarr.
+Data flow: subset masks (M, N) and the outputs of the subset models (M, T) from subsets.zarr ->
+`LassoDatamodels` -> datamodel weights (N, T), bias and lambda per target, which the datamodels stage writes
+to datamodels/lasso.zarr.
 """
 
 from __future__ import annotations
@@ -11,39 +12,44 @@ import warnings
 import numpy as np
 import torch
 
-# Solver settings, measured on a 2-core CPU at 4,000 models x 2,000 training points x 1,000 targets
-# (benchmarks/lasso_speed.py): 64-coordinate blocks with 3 proximal-gradient steps inside each block need as few
-# sweeps as exact coordinate descent, without the Python overhead of a loop over single coordinates.
+# Solver settings, measured on a 2-core CPU at 4,000 models x 2,000 training points x 200-1,000 targets: a
+# sweep of 64-coordinate blocks with 3 proximal-gradient steps each needs as many sweeps as exact coordinate
+# descent (the block Grams of near-orthogonal masks have condition number ~1.7), at the cost of about one G @
+# W product; blocks of 32 or 128 and 2 to 4 inner steps were within 5%. Proximal gradient (FISTA) on the whole
+# G took about 4x longer: its step is set by G's largest eigenvalue (condition number ~30 at p/M = 1/2). Not
+# tuned on a GPU.
 BLOCK_SIZE = 64  # coordinates per block of the Gauss-Seidel sweep
 INNER_STEPS = 3  # proximal-gradient steps on each block per sweep
+GROUP_SIZE = 512  # coordinates per group of blocks, whose rows of the gradient are updated block by block
 # Sweeps combined by one Anderson extrapolation (Bertrand & Massias 2021, "Anderson acceleration of coordinate
-# descent", AISTATS); 0 turns it off.
+# descent", AISTATS): a third to a half fewer sweeps at the dense, small-λ end of the path; 0 turns it off.
 ANDERSON_DEPTH = 5
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Input checks
 
 
 def _as_matrix(name: str, a, *, rows: int | None = None, cols: int | None = None) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (one row per subset model), got shape {a.shape}; reshape a single "
-                         f"target with .reshape(-1, 1)")
+        raise ValueError(f"{name} must be 2-D (one row per subset model), got shape {a.shape}; reshape a "
+                         f"single target with .reshape(-1, 1)")
     if a.shape[0] == 0:
         raise ValueError(f"{name} has no rows: pass at least one subset model")
     if a.shape[1] == 0:
         raise ValueError(f"{name} has no columns")
     if rows is not None and a.shape[0] != rows:
-        raise ValueError(f"{name} has {a.shape[0]} rows but its masks have {rows}: pass one row per subset model "
-                         f"in both")
+        raise ValueError(f"{name} has {a.shape[0]} rows but its masks have {rows}: pass one row per subset "
+                         f"model in both")
     if cols is not None and a.shape[1] != cols:
-        raise ValueError(f"{name} has {a.shape[1]} columns, expected {cols} (the same training points / targets "
-                         f"as the fitting data)")
+        raise ValueError(f"{name} has {a.shape[1]} columns, expected {cols} (the same training points / "
+                         f"targets as the fitting data)")
     if a.dtype != bool and not np.issubdtype(a.dtype, np.number):
         raise ValueError(f"{name} must be numeric or bool, got dtype {a.dtype}")
     if a.dtype != bool and not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or inf (e.g. a diverged subset model): drop or repair those rows")
+        raise ValueError(f"{name} contains NaN or inf (e.g. a diverged subset model): drop or repair those "
+                         f"rows")
     return a
 
 
@@ -52,7 +58,8 @@ def _check_lam(lam, t: int) -> np.ndarray:
     if lam.ndim == 0:
         lam = np.full(t, float(lam))
     if lam.shape != (t,):
-        raise ValueError(f"lam must be a scalar or one value per target (shape ({t},)), got shape {lam.shape}")
+        raise ValueError(f"lam must be a scalar or one value per target (shape ({t},)), got shape "
+                         f"{lam.shape}")
     if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
         raise ValueError("lam must be finite and > 0; for plain least squares use numpy.linalg.lstsq")
     return lam
@@ -80,7 +87,7 @@ def _dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The problem in Gram form
 
 
@@ -88,8 +95,8 @@ class _Gram:
     """The masks' centred Gram matrix G = XcᵀXc/M, shared by every target.
 
     With the intercept unpenalised, centring X and y eliminates it exactly (b = ȳ − x̄ᵀw), and scikit-learn's
-    objective becomes (1/2)·wᵀGw − cᵀw + (1/2)·‖yc‖²/M + λ‖w‖₁ with c = Xcᵀyc/M. After this one O(M·p²) product,
-    a solver step costs products with G only, whatever the number of models M.
+    objective becomes (1/2)·wᵀGw − cᵀw + (1/2)·‖yc‖²/M + λ‖w‖₁ with c = Xcᵀyc/M. After this one O(M·p²)
+    product, a solver step costs products with G only, whatever the number of models M.
     """
 
     def __init__(self, X: np.ndarray, device: torch.device, dtype: torch.dtype, row_chunk: int = 8192):
@@ -103,15 +110,20 @@ class _Gram:
         G /= self.n
         self.G = G
         self.zero_columns = torch.diagonal(G) <= 0  # training points in every mask or in none: weight 0
-        self.blocks = [slice(s, min(s + BLOCK_SIZE, self.p)) for s in range(0, self.p, BLOCK_SIZE)]
-        self.block_grams = [G[b, b].contiguous() for b in self.blocks]
-        # Step 1/L per block, L = the block Gram's largest eigenvalue: the exact curvature bound of the block.
-        self.block_steps = [1.0 / max(float(torch.linalg.eigvalsh(Gb.double())[-1]), 1e-12)
-                            for Gb in self.block_grams]
+        # Blocks of coordinates with their Gram block and step 1/L, L = the block Gram's largest eigenvalue
+        # (the exact curvature bound of the block), in groups of GROUP_SIZE coordinates.
+        blocks = []
+        for start in range(0, self.p, BLOCK_SIZE):
+            b = slice(start, min(start + BLOCK_SIZE, self.p))
+            Gb = G[b, b].contiguous()
+            blocks.append((b, Gb, 1.0 / max(float(torch.linalg.eigvalsh(Gb.double())[-1]), 1e-12)))
+        per_group = max(1, GROUP_SIZE // BLOCK_SIZE)
+        self.groups = [blocks[i:i + per_group] for i in range(0, len(blocks), per_group)]
 
     def _chunks(self, A: np.ndarray):
         for start in range(0, self.n, self.row_chunk):
-            yield torch.as_tensor(A[start:start + self.row_chunk], device=self.device)
+            # a copy of the row chunk: inputs may be read-only (Ray's zero-copy arrays), which torch warns about
+            yield torch.tensor(A[start:start + self.row_chunk], device=self.device)
 
     def _column_sums(self, A: np.ndarray) -> torch.Tensor:
         total = torch.zeros(A.shape[1], dtype=torch.float64, device=self.device)
@@ -140,15 +152,15 @@ class _Gram:
         return y_mean - self.x_mean @ W.to(torch.float64)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Solver
 
 
 def _primal_and_gap(W, g, c, yy, lam):
-    """Primal objective and duality gap per column, as scikit-learn's `enet_coordinate_descent_gram` (divided by M).
+    """Primal objective and duality gap per column: scikit-learn's `enet_coordinate_descent_gram`, over M.
 
-    g = c − Gw is the correlation of the residual with the centred masks (XcᵀR/M). The dual point is the residual
-    rescaled to be feasible (scale = min(1, λ/‖g‖∞)); reductions run in float64.
+    g = c − Gw is the correlation of the residual with the centred masks (XcᵀR/M). The dual point is the
+    residual rescaled to be feasible (scale = min(1, λ/‖g‖∞)); reductions run in float64.
     """
     f64 = torch.float64
     cw = (c * W).sum(0, dtype=f64)
@@ -164,32 +176,42 @@ def _primal_and_gap(W, g, c, yy, lam):
 def _sweep(gram: _Gram, W: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> None:
     """One Gauss-Seidel sweep over the coordinate blocks, in place on W and g = c − GW.
 
-    Each block takes INNER_STEPS proximal-gradient (soft-thresholding) steps on its own subproblem, with the rest of
-    w held fixed; then g is updated for the block's change by one (p × B) @ (B × t) product. Over a sweep these
-    products add up to one G @ W, which is the whole cost for large t.
+    Each block takes INNER_STEPS proximal-gradient (soft-thresholding) steps on its own subproblem, the rest
+    of w held fixed; g is then updated for the block's change, first only on the rows of its group of blocks
+    (the next blocks need those), and once per group on all other rows by one (p × GROUP_SIZE) @ (GROUP_SIZE ×
+    t) product, so that g is streamed through memory once per group rather than once per block. Over a sweep
+    the products add up to one G @ W, the whole cost for large t.
     """
-    G = gram.G
-    for b, Gb, step in zip(gram.blocks, gram.block_grams, gram.block_steps):
-        W_old = W[b]
-        Wb, gb = W_old.clone(), g[b].clone()
-        thr = lam * step
-        for k in range(INNER_STEPS):
-            z = Wb.add(gb, alpha=step)
-            W_new = z - torch.clamp(z, -thr, thr)  # soft-thresholding: the proximal map of λ‖·‖₁
-            if k < INNER_STEPS - 1:
-                gb.addmm_(Gb, W_new - Wb, alpha=-1.0)
-            Wb = W_new
-        g.addmm_(G[:, b], Wb - W_old, alpha=-1.0)
-        W_old.copy_(Wb)
+    G, p = gram.G, gram.p
+    for group in gram.groups:
+        s0, s1 = group[0][0].start, group[-1][0].stop
+        g_group, W_before = g[s0:s1], W[s0:s1].clone()
+        for b, Gb, step in group:
+            W_b = W[b]
+            Wb, gb = W_b.clone(), g[b].clone()
+            thr = lam * step
+            for k in range(INNER_STEPS):
+                z = Wb.add(gb, alpha=step)
+                W_new = z - torch.clamp(z, -thr, thr)  # soft-thresholding: the proximal map of λ‖·‖₁
+                if k < INNER_STEPS - 1:
+                    gb.addmm_(Gb, W_new - Wb, alpha=-1.0)
+                Wb = W_new
+            g_group.addmm_(G[s0:s1, b], Wb - W_b, alpha=-1.0)
+            W_b.copy_(Wb)
+        D = W[s0:s1] - W_before
+        if s0 > 0:
+            g[:s0].addmm_(G[:s0, s0:s1], D, alpha=-1.0)
+        if s1 < p:
+            g[s1:].addmm_(G[s1:, s0:s1], D, alpha=-1.0)
 
 
 def _anderson(history, W, g, c, yy, lam) -> None:
-    """Replace (W, g) in place, per column, by the Anderson extrapolation of the last sweeps where it lowers the
-    objective (Bertrand & Massias 2021, Algorithm 1). g is affine in w, so the extrapolated g costs no product."""
-    Ws = torch.stack([h[0] for h in history])  # (K+1, p, t)
-    gs = torch.stack([h[1] for h in history])
-    U = Ws[1:] - Ws[:-1]  # residuals of the fixed-point map "one sweep"
-    K = U.shape[0]
+    """Replace (W, g) in place, per column, by the Anderson extrapolation of the last sweeps where it lowers
+    the objective (Bertrand & Massias 2021, Algorithm 1). g is affine in w, so the extrapolated g costs no
+    product."""
+    # Residuals of the fixed-point map "one sweep".
+    U = [history[k + 1][0] - history[k][0] for k in range(len(history) - 1)]
+    K = len(U)
     C = torch.empty(W.shape[1], K, K, dtype=torch.float64, device=W.device)
     for i in range(K):
         for j in range(i + 1):
@@ -197,10 +219,11 @@ def _anderson(history, W, g, c, yy, lam) -> None:
     ridge = 1e-10 * torch.diagonal(C, dim1=1, dim2=2).sum(-1).clamp(min=1e-300)
     C = C + ridge[:, None, None] * torch.eye(K, dtype=C.dtype, device=C.device)
     z = torch.linalg.solve(C, torch.ones(C.shape[:2], dtype=C.dtype, device=C.device))
-    a = z / z.sum(-1, keepdim=True)
-    a = torch.nan_to_num(a, nan=0.0).to(W.dtype)  # a column with no movement keeps its iterate (check below)
-    W_e = (a.T[:, None, :] * Ws[1:]).sum(0)
-    g_e = (a.T[:, None, :] * gs[1:]).sum(0)
+    a = torch.nan_to_num(z / z.sum(-1, keepdim=True), nan=0.0).to(W.dtype)  # NaN: a column that did not move
+    W_e, g_e = history[1][0] * a[:, 0], history[1][1] * a[:, 0]
+    for k in range(1, K):
+        W_e.addcmul_(history[k + 1][0], a[:, k])
+        g_e.addcmul_(history[k + 1][1], a[:, k])
     primal, _ = _primal_and_gap(W, g, c, yy, lam)
     primal_e, _ = _primal_and_gap(W_e, g_e, c, yy, lam)
     better = primal_e < primal
@@ -226,7 +249,7 @@ def _solve(gram: _Gram, c, yy, lam, W_init, tol: float, max_iter: int, g_init=No
     yy_all, thresh_all = yy, tol * yy
     cols = torch.arange(t, device=c.device)  # the columns still in the batch
     W, g, thresh, lam_w = out.clone(), out_g.clone(), thresh_all, lam.to(gram.dtype)
-    # The running g accumulates rounding over the sweeps; in float32, confirm convergence with a fresh product.
+    # The running g accumulates rounding over the sweeps: in float32, confirm convergence on a fresh g.
     confirm = gram.dtype != torch.float64
     history = [(W.clone(), g.clone())] if ANDERSON_DEPTH else None
     for sweep in range(max_iter + 1):
@@ -262,13 +285,13 @@ def _solve(gram: _Gram, c, yy, lam, W_init, tol: float, max_iter: int, g_init=No
     failed = int((gaps > thresh_all).sum())
     if failed:
         worst = float((gaps / yy_all.clamp(min=1e-300)).max())
-        warnings.warn(f"LASSO: {failed} of {t} targets did not reach the duality gap tol·‖yc‖²/M (tol={tol}) in "
-                      f"{max_iter} sweeps (largest gap / (‖yc‖²/M): {worst:.3g}); raise max_iter or tol",
+        warnings.warn(f"LASSO: {failed} of {t} targets did not reach the duality gap tol·‖yc‖²/M (tol={tol}) "
+                      f"in {max_iter} sweeps (largest gap / (‖yc‖²/M): {worst:.3g}); raise max_iter or tol",
                       RuntimeWarning, stacklevel=3)
     return out, out_g, sweeps, gaps
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -276,13 +299,13 @@ def fit_lasso(X, Y, lam, *, coef_init=None, tol: float = 1e-4, max_iter: int = 1
               dtype="float64") -> tuple[np.ndarray, np.ndarray]:
     """Solve scikit-learn's `Lasso` for every column of Y at once.
 
-    Per column j: minimise (1/2M)·‖Y[:, j] − X w − b‖² + lam[j]·‖w‖₁ over w (p,) and the unpenalised intercept b.
+    Per column j: minimise (1/2M)·‖Y[:, j] − X w − b‖² + lam[j]·‖w‖₁ over w (p,) and an unpenalised b.
 
     X: (M, p) masks (bool or 0/1) or any real features; Y: (M, t) outputs; lam: scalar or (t,), > 0.
-    coef_init: (p, t) warm start. tol: stop a column when its duality gap is at most tol·‖yc‖²/M (scikit-learn's
-    criterion and default). max_iter: sweeps over the coordinates. device: torch device (None: CUDA if present,
-    else CPU). dtype: 'float64' (default, matches scikit-learn) or 'float32' (about 1.7x faster on a CPU).
-    Returns coef (p, t) and intercept (t,) as numpy arrays of `dtype`.
+    coef_init: (p, t) warm start. tol: stop a column when its duality gap is at most tol·‖yc‖²/M
+    (scikit-learn's criterion and default). max_iter: sweeps over the coordinates. device: torch device (None:
+    CUDA if present, else CPU). dtype: 'float64' (default, matches scikit-learn) or 'float32' (about 1.7x
+    faster on a CPU). Returns coef (p, t) and intercept (t,) as numpy arrays of `dtype`.
     """
     X = _as_matrix("X (masks)", X)
     Y = _as_matrix("Y (outputs)", Y, rows=X.shape[0])
@@ -308,20 +331,21 @@ def fit_lasso(X, Y, lam, *, coef_init=None, tol: float = 1e-4, max_iter: int = 1
 class LassoDatamodels:
     """Linear datamodels by LASSO with a regularisation path and λ chosen per target on held-out models.
 
-    As MadryLab's `fast_l1` (reference.md §1): for each target, λ runs from λ_max (the smallest λ with all weights
-    zero, max|XcᵀYc|/M) down geometrically to λ_max·lambda_ratio over n_lambdas values, each solve warm-started from
-    the last; λ is chosen by the MSE on the validation models; then the model is refit at the chosen λ on the fitting
-    and validation models together (every subset model given to `fit` is used for the final weights). Weights are in
-    units of the raw 0/1 masks: output change when a training point joins the subset.
+    As MadryLab's `fast_l1` (reference.md §1): for each target, λ runs from λ_max (the smallest λ with all
+    weights zero, max|XcᵀYc|/M) down geometrically to λ_max·lambda_ratio over n_lambdas values, each solve
+    warm-started from the last; λ is chosen by the MSE on the validation models; then the model is refit at
+    the chosen λ on the fitting and validation models together (every subset model given to `fit` is used for
+    the final weights). Weights are in units of the raw 0/1 masks: output change when a training point joins
+    the subset.
 
-    Early stopping, as fast_l1 (which stops a target once its validation MSE gets worse): a target leaves the path
-    after `patience` consecutive λ values without a better validation MSE. The small-λ end of the path has the
-    densest, slowest solves and is rarely chosen; with a validation curve that falls then rises, the choice is the
-    same as over the whole path. patience=None runs the whole path.
+    Early stopping, as fast_l1 (which stops a target once its validation MSE gets worse): a target leaves the
+    path after `patience` consecutive λ values without a better validation MSE. The small-λ end of the path
+    has the densest, slowest solves and is rarely chosen; with a validation curve that falls then rises, the
+    choice is the same as over the whole path. patience=None runs the whole path.
 
     Fitted attributes: coef_ (p, t) datamodel weights, intercept_ (t,), lambda_ (t,) chosen λ, val_mse_ (t,)
     validation MSE at the chosen λ (of the model fit on X alone), path_lambdas_ (n_lambdas, t), path_val_mse_
-    (n_lambdas, t; NaN where early stopping skipped the λ), lambda_index_ (t,) index of the chosen λ in the path.
+    (n_lambdas, t; NaN where early stopping skipped the λ), lambda_index_ (t,) the chosen λ's index.
     """
 
     def __init__(self, n_lambdas: int = 12, lambda_ratio: float = 1e-3, patience: int | None = 3,
@@ -378,8 +402,8 @@ class LassoDatamodels:
         running = torch.arange(t, device=device)  # targets still on their path
         for k in range(self.n_lambdas):
             r = running
-            W_r, g_r, _, _ = _solve(gram, c.index_select(1, r), yy[r], path[k, r], W.index_select(1, r), self.tol,
-                                    max_iter, g.index_select(1, r))
+            W_r, g_r, _, _ = _solve(gram, c.index_select(1, r), yy[r], path[k, r], W.index_select(1, r),
+                                    self.tol, max_iter, g.index_select(1, r))
             W.index_copy_(1, r, W_r)
             g.index_copy_(1, r, g_r)
             pred = (Xv @ W_r).to(torch.float64) + gram.intercept(W_r, y_mean[r])

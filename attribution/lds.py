@@ -1,7 +1,8 @@
 """Linear datamodeling score (LDS): how well datamodel weights rank the outputs of held-out subset models.
 
-Data flow: datamodel weights and bias (LASSO or TRAK, from datamodels/<method>.zarr) + held-out subset masks and the
-outputs of the models trained on them (subsets.zarr) -> one Spearman correlation per target (reference.md §2).
+Data flow: datamodel weights and bias (LASSO or TRAK, from datamodels/<method>.zarr) + held-out subset masks
+and the outputs of the models trained on them (subsets.zarr) -> one Spearman correlation per target
+(reference.md §2).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from scipy.stats import rankdata
 def lds(coef, intercept, masks, outputs) -> np.ndarray:
     """Per-target Spearman correlation between predicted and actual outputs of held-out subset models.
 
-    coef: (p, t) datamodel weights; intercept: (t,); masks: (m, p) bool subsets of held-out models (disjoint from
-    the models the weights were fit on); outputs: (m, t) their actual outputs. The prediction for model i and
-    target j is intercept[j] + masks[i] @ coef[:, j]. Spearman = Pearson correlation of the ranks (ties get their
-    average rank, as scipy.stats.spearmanr). A target whose predictions or outputs are constant over the m models
-    has no defined correlation and gets NaN; average with np.nanmean and report how many were NaN.
-    Returns (t,) float64.
+    coef: (p, t) datamodel weights; intercept: (t,); masks: (m, p) bool subsets of held-out models (disjoint
+    from the models the weights were fit on); outputs: (m, t) their actual outputs. The prediction for model i
+    and target j is intercept[j] + masks[i] @ coef[:, j]. Spearman = Pearson correlation of the ranks (ties
+    get their average rank, as scipy.stats.spearmanr). A target whose predictions or outputs are constant over
+    the m models has no defined correlation and gets NaN; average with np.nanmean and report how many were
+    NaN. Returns (t,) float64.
     """
     coef, intercept = np.asarray(coef), np.asarray(intercept)
     masks, outputs = np.asarray(masks), np.asarray(outputs)

@@ -1,0 +1,193 @@
+"""The batched LASSO against scikit-learn's `Lasso`, target by target; the λ path against brute force."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+
+from attribution import lasso
+from attribution.lasso import LassoDatamodels, fit_lasso
+
+
+def datamodel_problem(n_models: int, n_train: int, n_targets: int, seed: int):
+    """Bernoulli(0.5) masks; outputs = a sparse linear function of the masks + noise, as datamodels assume."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((n_models, n_train)) < 0.5
+    weights = np.zeros((n_train, n_targets))
+    for j in range(n_targets):
+        weights[rng.choice(n_train, 5, replace=False), j] = rng.normal(size=5)
+    outputs = masks @ weights + rng.normal(size=n_targets) + 0.5 * rng.normal(size=(n_models, n_targets))
+    return masks, outputs, weights, rng
+
+
+def objective(X, y, w, b, lam):
+    r = y - X @ w - b
+    return 0.5 * np.mean(r * r) + lam * np.abs(w).sum()
+
+
+def sklearn_lasso(X, y, lam):
+    model = Lasso(alpha=lam, fit_intercept=True, tol=1e-14, max_iter=100_000).fit(X.astype(np.float64), y)
+    return model.coef_, model.intercept_
+
+
+def assert_matches_sklearn(X, Y, coef, intercept, lams, rel_gap=1e-6, coef_atol=1e-5):
+    for j in range(Y.shape[1]):
+        ref_coef, ref_b = sklearn_lasso(X, Y[:, j], lams[j])
+        ours = objective(X, Y[:, j], coef[:, j].astype(np.float64), float(intercept[j]), lams[j])
+        ref = objective(X, Y[:, j], ref_coef, ref_b, lams[j])
+        assert abs(ours - ref) / ref <= rel_gap, f"target {j}: objective {ours} vs scikit-learn {ref}"
+        np.testing.assert_allclose(coef[:, j], ref_coef, atol=coef_atol)
+        np.testing.assert_allclose(intercept[j], ref_b, atol=coef_atol)
+
+
+@pytest.fixture(params=[(64, 512), (16, 32)], ids=["one_block", "four_blocks_two_groups"])
+def block_size(request, monkeypatch):
+    """Run with the whole problem in one block, and split over blocks and groups of blocks (the Gauss-Seidel
+    sweep across blocks, with the group-wise update of the gradient)."""
+    monkeypatch.setattr(lasso, "BLOCK_SIZE", request.param[0])
+    monkeypatch.setattr(lasso, "GROUP_SIZE", request.param[1])
+    return request.param
+
+
+def test_fit_lasso_scalar_lambda_equals_sklearn(block_size):
+    X, Y, _, _ = datamodel_problem(300, 60, 8, seed=0)
+    coef, intercept = fit_lasso(X, Y, 0.05, tol=1e-14)
+    assert coef.shape == (60, 8) and intercept.shape == (8,) and coef.dtype == np.float64
+    assert_matches_sklearn(X, Y, coef, intercept, np.full(8, 0.05), coef_atol=1e-7)
+    assert 0 < np.count_nonzero(coef) < coef.size  # the sparse regime, not all-zero weights
+
+
+def test_fit_lasso_per_target_lambda_equals_sklearn(block_size):
+    X, Y, _, rng = datamodel_problem(300, 60, 8, seed=1)
+    lams = rng.uniform(0.003, 0.3, size=8)
+    coef, intercept = fit_lasso(X, Y, lams, tol=1e-14)
+    assert_matches_sklearn(X, Y, coef, intercept, lams, coef_atol=1e-7)
+
+
+def test_fit_lasso_warm_start_and_float32():
+    X, Y, _, _ = datamodel_problem(300, 60, 8, seed=2)
+    lams = np.full(8, 0.02)
+    cold, _ = fit_lasso(X, Y, lams, tol=1e-14)
+    warm, warm_b = fit_lasso(X, Y, lams, coef_init=fit_lasso(X, Y, 0.1)[0], tol=1e-14)
+    np.testing.assert_allclose(warm, cold, atol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 must still certify tol = 1e-6 without running out of sweeps
+        coef32, b32 = fit_lasso(X, Y, lams, tol=1e-6, dtype="float32")
+    assert coef32.dtype == np.float32
+    assert_matches_sklearn(X, Y, coef32, b32, lams, rel_gap=1e-6, coef_atol=1e-3)
+
+
+def test_fit_lasso_constant_columns_and_targets():
+    X, Y, _, _ = datamodel_problem(200, 30, 3, seed=3)
+    X[:, 4] = True  # a training point in every subset: no information, weight 0 as in scikit-learn
+    X[:, 7] = False
+    Y[:, 2] = 1.5  # a constant output: all weights 0, intercept = the constant
+    coef, intercept = fit_lasso(X, Y, 0.01, coef_init=np.ones((30, 3)), tol=1e-14)
+    assert np.all(coef[[4, 7]] == 0)
+    assert np.all(coef[:, 2] == 0) and intercept[2] == pytest.approx(1.5)
+    assert_matches_sklearn(X, Y[:, :2], coef[:, :2], intercept[:2], np.full(2, 0.01), coef_atol=1e-7)
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_lasso_datamodels_equals_brute_force_path(block_size, patience):
+    X_all, Y_all, _, _ = datamodel_problem(400, 40, 6, seed=4)
+    X, Y, X_val, Y_val = X_all[:300], Y_all[:300], X_all[300:], Y_all[300:]
+    n_lambdas, ratio = 8, 1e-2
+    dm = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=ratio, patience=patience, tol=1e-14)
+    dm.fit(X, Y, X_val, Y_val)
+
+    Xc = X - X.mean(0)
+    lam_max = np.abs(Xc.T @ (Y - Y.mean(0))).max(0) / len(X)  # smallest λ with all-zero weights
+    grid = lam_max * ratio ** (np.arange(n_lambdas) / (n_lambdas - 1))[:, None]
+    np.testing.assert_allclose(dm.path_lambdas_, grid, rtol=1e-12)
+    for j in range(Y.shape[1]):
+        val_mse = []
+        for lam in grid[:, j]:
+            coef, b = sklearn_lasso(X, Y[:, j], lam)
+            val_mse.append(np.mean((Y_val[:, j] - X_val @ coef - b) ** 2))
+        best = int(np.argmin(val_mse))
+        # Early stopping leaves the path `patience` λ values after the best one.
+        visited = n_lambdas if patience is None else min(n_lambdas, best + patience + 1)
+        np.testing.assert_allclose(dm.path_val_mse_[:visited, j], val_mse[:visited], rtol=1e-7)
+        assert np.all(np.isnan(dm.path_val_mse_[visited:, j]))
+        assert dm.lambda_index_[j] == best and dm.lambda_[j] == pytest.approx(grid[best, j], rel=1e-12)
+        assert dm.val_mse_[j] == pytest.approx(val_mse[best], rel=1e-7)
+        # The final model: refit at the chosen λ on the fitting and validation models together.
+        X_all, y_all = np.concatenate([X, X_val]), np.concatenate([Y[:, j], Y_val[:, j]])
+        coef, b = sklearn_lasso(X_all, y_all, grid[best, j])
+        np.testing.assert_allclose(dm.coef_[:, j], coef, atol=1e-7)
+        assert dm.intercept_[j] == pytest.approx(b, abs=1e-7)
+    print("chosen λ indices", dm.lambda_index_)
+    assert len(set(dm.lambda_index_)) > 1 or 0 < dm.lambda_index_[0] < n_lambdas - 1  # a real choice was made
+
+
+def test_lasso_datamodels_does_no_work_in_init():
+    dm = LassoDatamodels(n_lambdas=3)
+    assert not hasattr(dm, "coef_") and dm.n_lambdas == 3
+
+
+@pytest.mark.parametrize("case, match", [
+    ("row_mismatch", "rows"),
+    ("nan_outputs", "NaN or inf"),
+    ("inf_val_outputs", "NaN or inf"),
+    ("empty_val", "empty"),
+    ("one_dim_outputs", "2-D"),
+    ("val_columns", "columns"),
+    ("bad_ratio", "lambda_ratio"),
+    ("bad_patience", "patience"),
+])
+def test_lasso_datamodels_bad_input(case, match):
+    X, Y, _, _ = datamodel_problem(60, 10, 2, seed=5)
+    X_val, Y_val = X[:10], Y[:10]
+    kwargs = {}
+    if case == "row_mismatch":
+        Y = Y[:-1]
+    elif case == "nan_outputs":
+        Y = Y.copy()
+        Y[3, 1] = np.nan
+    elif case == "inf_val_outputs":
+        Y_val = Y_val.copy()
+        Y_val[0, 0] = np.inf
+    elif case == "empty_val":
+        X_val, Y_val = X[:0], Y[:0]
+    elif case == "one_dim_outputs":
+        Y = Y[:, 0]
+    elif case == "val_columns":
+        X_val = X_val[:, :-1]
+    elif case == "bad_ratio":
+        kwargs = {"lambda_ratio": 0.0}
+    elif case == "bad_patience":
+        kwargs = {"patience": 0}
+    with pytest.raises(ValueError, match=match):
+        LassoDatamodels(n_lambdas=3, **kwargs).fit(X, Y, X_val, Y_val)
+
+
+@pytest.mark.parametrize("lam, match", [
+    (0.0, "> 0"), (np.ones(3), "one value per target"), (np.nan, "finite"),
+])
+def test_fit_lasso_bad_lambda(lam, match):
+    X, Y, _, _ = datamodel_problem(60, 10, 2, seed=6)
+    with pytest.raises(ValueError, match=match):
+        fit_lasso(X, Y, lam)
+
+
+def test_fit_lasso_bad_coef_init():
+    X, Y, _, _ = datamodel_problem(60, 10, 2, seed=7)
+    with pytest.raises(ValueError, match="coef_init"):
+        fit_lasso(X, Y, 0.1, coef_init=np.zeros((2, 10)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lasso_datamodels_on_cuda_equals_cpu():
+    X_all, Y_all, _, _ = datamodel_problem(400, 100, 6, seed=8)
+    X, Y, X_val, Y_val = X_all[:300], Y_all[:300], X_all[300:], Y_all[300:]
+    cpu = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12, device="cpu").fit(X, Y, X_val, Y_val)
+    gpu = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12, device="cuda").fit(X, Y, X_val, Y_val)
+    np.testing.assert_array_equal(gpu.lambda_index_, cpu.lambda_index_)
+    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-6)
+    np.testing.assert_allclose(gpu.intercept_, cpu.intercept_, atol=1e-6)
