@@ -416,10 +416,13 @@ def plot_klom_vs_cost(metrics: dict, path) -> None:
                        label="retrain (cost 1, KLOM = floor)")
         ax.set_xscale("log")
         ax.set_xlim(ZERO_COST_X / 3, 3.0)
-        ax.set_ylim(bottom=0)
         ax.set_title(f"forget set {fs} ({m['size']} points)", fontsize=10)
         ax.set_xlabel("cost / retraining (example passes, log scale)")
         ax.grid(True, which="major", alpha=0.3)
+    # one y range for all panels, set after plotting: a limit fixed on the first panel would hide the points of
+    # the others that lie above it (shared axes)
+    top = max(max(_headline(e["klom"]) for e in m["methods"].values()) for m in sets.values() if m["methods"])
+    axes[0].set_ylim(0, 1.08 * top)
     axes[0].set_ylabel(f"KLOM {HEADLINE} (nats), mean of forget / retain / val")
     handles, names = {}, []
     for ax in axes:
