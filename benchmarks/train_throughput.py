@@ -26,7 +26,8 @@ from pipelines.training import train_models
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--packed", type=int, default=64, help="models trained as one packed computation")
+    p.add_argument("--packed", type=int, default=64, help="models trained by the packed engine")
+    p.add_argument("--pack-size", type=int, default=None, help="models per packed computation (default: engine's)")
     p.add_argument("--single", type=int, default=8, help="models trained one at a time (a sample)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=2000)
@@ -45,7 +46,7 @@ def main() -> None:
     for name, n, packed in (("one at a time", args.single, False), ("packed", args.packed, True)):
         t0 = time.perf_counter()
         r = train_models(task, data, masks[:n], seeds[:n], epoch_size=data.n_train // 2, packed=packed,
-                         device="cpu")
+                         pack_size=args.pack_size, device="cpu")
         sec = (time.perf_counter() - t0) / n
         acc = (r.logits[:, data.n_train:].argmax(-1) == y_test).mean(1)
         rows.append((name, n, sec, 3600 / sec, acc.mean(), acc.std()))
