@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.executor import Executor, make_executor
 from pipelines.tasks import Task, TaskData, get_task
@@ -55,6 +57,23 @@ class RunContext:
         return {"dataset": self.cfg.task.name, "dataset_fingerprint": self.data.fingerprint(),
                 "n_train": self.data.n_train, "n_targets": self.data.n_targets,
                 "num_classes": self.data.num_classes, "targets": self.data.target_map()}
+
+
+def drive(ctx: RunContext, fn: Callable, units: list[tuple], shared: dict, write: Callable[[tuple, object], None],
+          *, total: int, desc: str, unit: str = "model") -> None:
+    """Run work units through the executor and write each result as it arrives (the driver is the only writer),
+    with a progress bar (items/s, ETA). Units are tuples ending in (start, stop); `total` counts all items, done
+    or not, so a resumed stage shows its real progress. Nothing pending: returns without starting the executor."""
+    if not units:
+        return
+    bar = tqdm(total=total, initial=total - sum(u[-1] - u[-2] for u in units), unit=unit, desc=desc,
+               dynamic_ncols=True)
+    try:
+        for done_unit, result in ctx.executor.map_unordered(fn, units, shared):
+            write(done_unit, result)
+            bar.update(done_unit[-1] - done_unit[-2])
+    finally:
+        bar.close()
 
 
 def _stages() -> dict[str, Callable[[RunContext], None]]:

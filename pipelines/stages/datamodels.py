@@ -17,13 +17,12 @@ import logging
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from attribution.lasso import LassoDatamodels
 from attribution.lds import lds
 from attribution.store import ArraySpec, StoreError, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, to_dict
-from pipelines.stages import RunContext
+from pipelines.stages import RunContext, drive
 from pipelines.stages.subsets import subsets_config
 from unlearning.klom import margins
 
@@ -166,17 +165,10 @@ def run_lasso(ctx: RunContext, masks: np.ndarray, logits: np.ndarray, margin: np
     done = np.asarray(group["done"][:])
     units = [(t0, min(t0 + chunk, data.n_targets)) for i, t0 in enumerate(range(0, data.n_targets, chunk))
              if not done[i]]
-    if units:
-        bar = tqdm(total=data.n_targets, initial=data.n_targets - sum(b - a for a, b in units), unit="target",
-                   desc="LASSO datamodels", dynamic_ncols=True)
-        shared = {"masks": masks, "logits": logits, "margin": margin, "splits": splits,
-                  "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio}
-        try:
-            for (t0, t1), result in ctx.executor.map_unordered(fit_lasso_chunk, units, shared):
-                write_chunk(group, t0, t1, result)
-                bar.update(t1 - t0)
-        finally:
-            bar.close()
+    shared = {"masks": masks, "logits": logits, "margin": margin, "splits": splits, "n_lambdas": d.n_lambdas,
+              "lambda_ratio": d.lambda_ratio}
+    drive(ctx, fit_lasso_chunk, units, shared, lambda u, result: write_chunk(group, *u, result),
+          total=data.n_targets, desc="LASSO datamodels", unit="target")
     if "lds_mean" not in group.attrs or (d.lds_curve and "lds_curve" not in group.attrs):
         summary = lds_summary(group, data.n_train)
         if d.lds_curve:

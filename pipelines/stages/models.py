@@ -12,12 +12,11 @@ import zlib
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from attribution.masks import model_seeds
 from attribution.store import ArraySpec, open_or_create, open_store
 from pipelines.config import RunConfig, TaskConfig, to_dict
-from pipelines.stages import RunContext
+from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.tasks import TaskData, get_task
 from pipelines.training import default_device, load_state_vector, predict_logits, state_vector, train_models
@@ -87,19 +86,15 @@ def run(ctx: RunContext) -> None:
         done = group[f"{name}/done"][:]
         units += [(name, s, min(s + block, n)) for s in range(0, n, block) if not done[s:s + block].all()]
     total = sum(n for _, n, _ in plans.values())
-    bar = tqdm(total=total, initial=total - sum(u[2] - u[1] for u in units), unit="model",
-               desc="full + oracle models", dynamic_ncols=True)
+
+    def write(unit: tuple[str, int, int], result: tuple) -> None:
+        name, start, stop = unit
+        for array, values in zip(("logits", "params", "seconds"), result):
+            group[f"{name}/{array}"][start:stop] = values
+        group[f"{name}/done"][start:stop] = True
+
     shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans}
-    try:
-        for (name, start, stop), (logits, params, seconds) in ctx.executor.map_unordered(
-                train_ensemble_block, units, shared):
-            group[f"{name}/logits"][start:stop] = logits
-            group[f"{name}/params"][start:stop] = params
-            group[f"{name}/seconds"][start:stop] = seconds
-            group[f"{name}/done"][start:stop] = True
-            bar.update(stop - start)
-    finally:
-        bar.close()
+    drive(ctx, train_ensemble_block, units, shared, write, total=total, desc="full + oracle models")
 
 
 def open_models(run_dir) -> zarr.Group:

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from tqdm import tqdm
 
 from attribution.store import ArraySpec, StoreError, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
-from pipelines.stages import RunContext
+from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages.models import open_models
 from pipelines.tasks import Task, TaskData, get_task
@@ -165,19 +164,15 @@ def run(ctx: RunContext) -> None:
         "hparams": cfg.unlearn.hparams,
     }
     total = len(sets) * len(cfg.unlearn.methods) * k
-    bar = tqdm(total=total, initial=total - sum(u[3] - u[2] for u in units), unit="model",
-               desc="unlearning", dynamic_ncols=True)
-    try:
-        for (fs, method, start, stop), (logits, seconds, passes) in ctx.executor.map_unordered(
-                unlearn_block, units, shared):
-            g = stores[(fs, method)]
-            g["logits"][start:stop] = logits
-            g["seconds"][start:stop] = seconds
-            g["example_passes"][start:stop] = passes
-            g["done"][start:stop] = True
-            bar.update(stop - start)
-    finally:
-        bar.close()
+
+    def write(unit: tuple[str, str, int, int], result: tuple) -> None:
+        fs, method, start, stop = unit
+        g = stores[(fs, method)]
+        for array, values in zip(("logits", "seconds", "example_passes"), result):
+            g[array][start:stop] = values
+        g["done"][start:stop] = True
+
+    drive(ctx, unlearn_block, units, shared, write, total=total, desc="unlearning")
 
 
 def read_forget_ids(path: Path) -> np.ndarray:
