@@ -391,7 +391,7 @@ class LassoDatamodels:
         path = lam_max[None, :] * self.lambda_ratio ** exponents[:, None]
         path[0] = lam_max  # exactly λ_max, not a rounded power
 
-        Xv = torch.as_tensor(X_val, device=device).to(dtype)
+        Xv = torch.tensor(X_val, device=device).to(dtype)  # a copy: inputs may be read-only (Ray)
         Yv = torch.as_tensor(Y_val, device=device).to(torch.float64)
         t = Y.shape[1]
         W, g = torch.zeros_like(c), c.clone()
