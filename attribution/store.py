@@ -30,6 +30,11 @@ class ArraySpec:
     fill_value: float | int | bool = 0
 
 
+def normalise_config(config: dict) -> dict:
+    """A config as the store keeps it in its attrs (JSON: tuples become lists), so it compares equal on reload."""
+    return json.loads(json.dumps(config))
+
+
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -54,7 +59,7 @@ def open_or_create(path: str | Path, arrays: dict[str, ArraySpec], *, kind: str,
     so that finished work is never mixed with work done under other settings, and nothing is overwritten.
     """
     path = Path(path)
-    config = json.loads(json.dumps(config))  # normalise tuples to lists, as stored
+    config = normalise_config(config)
     if (path / "zarr.json").exists():
         group = zarr.open_group(str(path), mode="r+")
         check_store(group, path, kind=kind, config=config)

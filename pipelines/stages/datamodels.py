@@ -12,7 +12,6 @@ per target chunk; attrs: model counts, solver settings, mean LDS and the LDS-vs-
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -20,7 +19,7 @@ import zarr
 
 from attribution.lasso import LassoDatamodels
 from attribution.lds import lds
-from attribution.store import ArraySpec, StoreError, open_or_create, open_store
+from attribution.store import ArraySpec, StoreError, normalise_config, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages.subsets import subsets_config
@@ -51,7 +50,7 @@ def read_subsets(ctx: RunContext) -> tuple[np.ndarray, np.ndarray, zarr.Group]:
         raise StoreError(f"{ctx.run_dir / 'subsets.zarr'} holds models of another dataset "
                          f"({group.attrs.get('dataset')}, fingerprint {group.attrs.get('dataset_fingerprint')}): "
                          "use this config's own run directory")
-    if group.attrs.get("config") != _normalised(subsets_config(ctx.cfg)):
+    if group.attrs.get("config") != normalise_config(subsets_config(ctx.cfg)):
         raise StoreError(f"{ctx.run_dir / 'subsets.zarr'} was made with another subsets/task config: rerun the "
                          "subsets stage with this config first")
     done = np.asarray(group["done"][:])
@@ -67,10 +66,6 @@ def read_subsets(ctx: RunContext) -> tuple[np.ndarray, np.ndarray, zarr.Group]:
         raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5].tolist()}: retrain them (delete "
                          "the store) or lower the learning rate")
     return masks, logits, group
-
-
-def _normalised(d: dict) -> dict:
-    return json.loads(json.dumps(d))  # tuples -> lists, as stored in attrs
 
 
 def fit_lasso_chunk(unit: tuple[int, int], *, masks: np.ndarray, logits: np.ndarray, margin: np.ndarray,

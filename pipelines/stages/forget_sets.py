@@ -8,13 +8,14 @@ those components. Everything is seeded by the run seed, and each set records how
 from __future__ import annotations
 
 import json
+import zlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from attribution.masks import model_rng
-from attribution.store import StoreError, diff_keys, open_store
+from attribution.store import StoreError, diff_keys, normalise_config, open_store
 from pipelines.config import RunConfig, to_dict
 from pipelines.stages import RunContext
 
@@ -61,6 +62,11 @@ def pc_forget_sets(scores: np.ndarray, top_k: int, ends: int) -> dict[str, tuple
     return sets
 
 
+def fingerprint(indices: np.ndarray) -> int:
+    """A forget set's identity in the configs of the stores built on it (models, unlearned)."""
+    return zlib.crc32(np.asarray(indices, np.int64).tobytes())
+
+
 def forget_sets_config(cfg: RunConfig) -> dict:
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "forget_sets": to_dict(cfg.forget_sets)}
 
@@ -99,7 +105,7 @@ def load(run_dir: Path) -> dict[str, np.ndarray]:
 
 def run(ctx: RunContext) -> None:
     p = path(ctx.run_dir)
-    config = json.loads(json.dumps(forget_sets_config(ctx.cfg)))
+    config = normalise_config(forget_sets_config(ctx.cfg))
     if p.exists():
         stored = json.loads(p.read_text())
         if stored["config"] != config:

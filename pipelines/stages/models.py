@@ -40,7 +40,7 @@ def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, t
 
 def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict:
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-            "forget_sets": {n: zlib.crc32(np.asarray(i, np.int64).tobytes()) for n, i in forget_sets.items()}}
+            "forget_sets": {n: forget_sets_stage.fingerprint(i) for n, i in forget_sets.items()}}
 
 
 def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,

@@ -114,7 +114,7 @@ def unlearn_block(unit: tuple[str, str, int, int], *, task_cfg: TaskConfig, data
 
 def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, method: str) -> dict:
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-            "forget_set": {fs: zlib.crc32(np.asarray(forget_idx, np.int64).tobytes())},
+            "forget_set": {fs: forget_sets_stage.fingerprint(forget_idx)},
             "method": method, "hparams": cfg.unlearn.hparams.get(method, {}),
             "datamodel": cfg.unlearn.datamodel if method in DATAMODEL_METHODS else None}
 
