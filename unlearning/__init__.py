@@ -4,8 +4,8 @@ tensors (`UnlearnData`) and forget-set indices, and returns an `UnlearnResult` (
     result = unlearning.METHODS[name](model, data, forget_idx, **inputs, seed=0, **hyperparameter_overrides)
 
 Each entry carries `.Hyperparameters` (its frozen dataclass of defaults) and `.inputs` (the keyword inputs it
-needs, e.g. `oracle_logits`). The input model is never mutated. dm_direct returns a `DatamodelPredictor`, not
-a module.
+needs, e.g. `oracle_logits`); both come from `base.unlearning_method`, the decorator every entry is written
+with. The input model is never mutated. dm_direct returns a `DatamodelPredictor`, not a module.
 """
 
 from collections.abc import Callable

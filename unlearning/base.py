@@ -6,6 +6,12 @@ method in `unlearning.METHODS`; every method returns an `UnlearnResult` holding 
 never mutated) and its `Cost`. This module holds nothing method-specific; it imports neither `attribution` nor
 `pipelines`.
 
+Writing a method: decorate a body `name(req: UnlearnRequest, *, <inputs>) -> (model, example passes, info)`
+with `@unlearning_method(NameHyperparameters)`. The decorator gives it the interface of every METHODS entry,
+`name(model, data, forget_idx, *, <inputs>, seed=0, hparams=None, **overrides) -> UnlearnResult`: it resolves
+the hyperparameters, checks the forget set, then times the body and runs it under `seeded(seed)`. The body
+copies the model itself (`copy_model(req.model)`) and never mutates `req.model`.
+
 Cost convention (used by every method): one forward + backward of one example = 1 example pass; a forward
 alone counts 1/3 pass (the backward costs about twice the forward). Double-backward steps (MU-Mis) are counted
 in `mumis.py`.
@@ -16,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,3 +260,74 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a method may update: those that require gradients in the caller's model."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class UnlearnRequest:
+    """One deletion request as a method body sees it, once `unlearning_method` has checked it."""
+
+    model: nn.Module  # the caller's model: read it or copy it, never train it
+    data: UnlearnData  # the training set
+    forget: torch.Tensor  # the checked forget-set indices (CPU int64)
+    hp: Any  # the method's resolved hyperparameters
+    seed: int  # for a body that hands it on (retrain's train_fn)
+    device: torch.device  # where the model lives
+    generator: torch.Generator  # seeded CPU generator for sampling and shuffling (see `seeded`)
+
+    @property
+    def retain(self) -> torch.Tensor:
+        """The training indices not in the forget set, ascending (CPU int64)."""
+        return retain_indices(len(self.data), self.forget)
+
+    def examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the training examples `idx`, on the model's device."""
+        subset = self.data.subset(idx)
+        return subset.x.to(self.device), subset.y.to(self.device)
+
+
+def run_timed(
+    model: nn.Module, seed: int, body: Callable[[torch.device, torch.Generator], tuple[Any, float, dict]]
+) -> UnlearnResult:
+    """Run `body(device, generator)` on the device of `model`, under `seeded(seed)` and timed; it returns (the
+    unlearned model, example passes, info), which become the UnlearnResult."""
+    device = model_device(model)
+    watch = Stopwatch(device)
+    with seeded(seed, device) as generator:
+        unlearned, passes, info = body(device, generator)
+    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), info)
+
+
+def unlearning_method(hyperparameters: type) -> Callable[[Callable], Callable[..., UnlearnResult]]:
+    """Decorator that turns a method body into a METHODS entry (module docstring).
+
+    The body's keyword-only parameters are the method's `inputs` (e.g. `oracle_logits`); every other keyword
+    is a hyperparameter override. The entry carries `.Hyperparameters` and `.inputs`; its signature is the
+    public one."""
+
+    def decorate(body: Callable[..., tuple]) -> Callable[..., UnlearnResult]:
+        keyword_only = [p for p in inspect.signature(body).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        inputs = tuple(p.name for p in keyword_only)
+
+        @functools.wraps(body)
+        def method(model, data, forget_idx, *, seed=0, hparams=None, **kwargs) -> UnlearnResult:
+            given = {name: kwargs.pop(name) for name in inputs if name in kwargs}
+            hp = resolve_hyperparameters(hyperparameters, hparams, kwargs)
+            forget = check_forget_idx(forget_idx, len(data))
+
+            def run(device: torch.device, generator: torch.Generator) -> tuple:
+                return body(UnlearnRequest(model, data, forget, hp, seed, device, generator), **given)
+
+            return run_timed(model, seed, run)
+
+        P = inspect.Parameter
+        positional = [P(name, P.POSITIONAL_OR_KEYWORD) for name in ("model", "data", "forget_idx")]
+        settings = [P("seed", P.KEYWORD_ONLY, default=0), P("hparams", P.KEYWORD_ONLY, default=None)]
+        overrides = P("overrides", P.VAR_KEYWORD)
+        method.__signature__ = inspect.Signature(
+            [*positional, *keyword_only, *settings, overrides], return_annotation=UnlearnResult
+        )
+        method.Hyperparameters = hyperparameters
+        method.inputs = inputs
+        return method
+
+    return decorate

@@ -17,17 +17,11 @@ from torch import nn
 
 from unlearning.base import (
     FORWARD_PASS,
-    Cost,
-    Stopwatch,
-    UnlearnData,
-    UnlearnResult,
+    UnlearnRequest,
     as_float_tensor,
-    check_forget_idx,
     copy_model,
-    model_device,
     predict_logits,
-    resolve_hyperparameters,
-    seeded,
+    unlearning_method,
 )
 from unlearning.oracle_matching import match_logits
 
@@ -100,35 +94,30 @@ def datamodel_direct_logits(
     return original_logits - delta
 
 
+def _original_logits(original_logits: Any, n_train: int, device: torch.device) -> torch.Tensor:
+    """`original_logits` (T, C) as float32 on `device`, checked to cover the n_train training targets."""
+    original = as_float_tensor("original_logits", original_logits, (None, None), device)
+    if original.shape[0] < n_train:
+        raise ValueError(
+            f"original_logits has {original.shape[0]} targets but the training set has {n_train}; "
+            "targets are the training examples followed by the test examples."
+        )
+    return original
+
+
+@unlearning_method(DatamodelDirectHyperparameters)
 def dm_direct(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    datamodel_weights: Any,
-    original_logits: Any,
-    seed: int = 0,
-    hparams: DatamodelDirectHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+    req: UnlearnRequest, *, datamodel_weights: Any, original_logits: Any
+) -> tuple[DatamodelPredictor, float, dict]:
     """DM-Direct: returns an UnlearnResult whose `model` is a DatamodelPredictor (not an nn.Module).
 
     `datamodel_weights` (|F|, T, C): weight-store rows of the forget points; `original_logits` (T, C): the
     model's logits on all targets. `model` is only used for its device; `seed` is accepted for a uniform
     interface. Cost: no example passes (the one-off datamodel estimation is not counted, as in reference.md
     §3)."""
-    resolve_hyperparameters(DatamodelDirectHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    device = model_device(model)
-    watch = Stopwatch(device)
-    original = as_float_tensor("original_logits", original_logits, (None, None), device)
-    if original.shape[0] < len(data):
-        raise ValueError(
-            f"original_logits has {original.shape[0]} targets but the training set has {len(data)}; "
-            "targets are the training examples followed by the test examples."
-        )
-    predicted = datamodel_direct_logits(original, datamodel_weights, forget.numel())
-    return UnlearnResult(DatamodelPredictor(predicted, forget), Cost(watch.seconds(), 0.0), {})
+    original = _original_logits(original_logits, len(req.data), req.device)
+    predicted = datamodel_direct_logits(original, datamodel_weights, req.forget.numel())
+    return DatamodelPredictor(predicted, req.forget), 0.0, {}
 
 
 @dataclass(frozen=True)
@@ -151,40 +140,23 @@ class DatamodelMatchingHyperparameters:
     amp: bool = True
 
 
+@unlearning_method(DatamodelMatchingHyperparameters)
 def dm_matching(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    datamodel_weights: Any,
-    original_logits: Any = None,
-    seed: int = 0,
-    hparams: DatamodelMatchingHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+    req: UnlearnRequest, *, datamodel_weights: Any, original_logits: Any = None
+) -> tuple[nn.Module, float, dict]:
     """Datamodel Matching: Oracle Matching where the oracle is DM-Direct on the training points (targets
     0..N-1).
 
     `datamodel_weights` (|F|, T, C) with T ≥ N; `original_logits` (T, C) or None, in which case the model's
     eval-mode logits on the training set are computed here (counted as forward passes). Returns a new
     nn.Module."""
-    hp = resolve_hyperparameters(DatamodelMatchingHyperparameters, hparams, overrides)
-    n_train = len(data)
-    forget = check_forget_idx(forget_idx, n_train)
-    device = model_device(model)
-    watch = Stopwatch(device)
+    n_train = len(req.data)
     passes = 0.0
     if original_logits is None:
-        original = predict_logits(model, data.x, amp=hp.amp)
+        original = predict_logits(req.model, req.data.x, amp=req.hp.amp)
         passes += FORWARD_PASS * n_train
     else:
-        original = as_float_tensor("original_logits", original_logits, (None, None), device)
-        if original.shape[0] < n_train:
-            raise ValueError(
-                f"original_logits has {original.shape[0]} targets but the training set has {n_train}; "
-                "targets are the training examples followed by the test examples."
-            )
-        original = original[:n_train]
+        original = _original_logits(original_logits, n_train, req.device)[:n_train]
     weights = torch.as_tensor(datamodel_weights)
     if weights.ndim == 3 and weights.shape[1] < n_train:
         raise ValueError(
@@ -193,14 +165,7 @@ def dm_matching(
         )
     if weights.ndim == 3:
         weights = weights[:, :n_train]
-    oracle = datamodel_direct_logits(original, weights, forget.numel())
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        ft_passes, info = match_logits(unlearned, data, forget, oracle, hp, generator)
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes + ft_passes), info)
-
-
-dm_direct.Hyperparameters = DatamodelDirectHyperparameters
-dm_direct.inputs = ("datamodel_weights", "original_logits")
-dm_matching.Hyperparameters = DatamodelMatchingHyperparameters
-dm_matching.inputs = ("datamodel_weights", "original_logits")
+    oracle = datamodel_direct_logits(original, weights, req.forget.numel())
+    unlearned = copy_model(req.model)
+    ft_passes, info = match_logits(unlearned, req.data, req.forget, oracle, req.hp, req.generator)
+    return unlearned, passes + ft_passes, info

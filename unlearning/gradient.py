@@ -15,19 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearning.base import (
-    Cost,
-    Stopwatch,
-    UnlearnData,
-    UnlearnResult,
+    UnlearnRequest,
     autocast,
-    check_forget_idx,
     copy_model,
-    model_device,
-    resolve_hyperparameters,
-    retain_indices,
-    seeded,
     shuffled_batches,
     trainable_parameters,
+    unlearning_method,
 )
 
 
@@ -93,18 +86,16 @@ def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     return F.cross_entropy(out.float(), y)
 
 
-def _descend_or_ascend(
-    model: nn.Module, data: UnlearnData, idx: torch.Tensor, hp: Any, sign: float, generator: torch.Generator
-) -> float:
-    """Train `model` in place on the examples `idx` with loss sign·CE; return the example passes spent."""
-    device = model_device(model)
-    x = data.x[idx.to(data.x.device)].to(device)
-    y = data.y[idx.to(data.y.device)].to(device)
+def _descend_or_ascend(req: UnlearnRequest, idx: torch.Tensor, sign: float) -> tuple[nn.Module, float, dict]:
+    """A copy of the model trained on the examples `idx` with loss sign·CE, and the example passes spent."""
+    hp, device = req.hp, req.device
+    model = copy_model(req.model)
+    x, y = req.examples(idx)
     optimizer = _sgd(model, hp)
     model.train()
     passes = 0.0
     for _ in range(hp.epochs):
-        for batch in shuffled_batches(idx.numel(), hp.batch_size, generator):
+        for batch in shuffled_batches(idx.numel(), hp.batch_size, req.generator):
             batch = batch.to(device)
             loss = sign * _cross_entropy(model, x[batch], y[batch], device, hp.amp)
             optimizer.zero_grad(set_to_none=True)
@@ -112,96 +103,47 @@ def _descend_or_ascend(
             optimizer.step()
             passes += batch.numel()
     model.eval()
-    return passes
+    return model, passes, {}
 
 
-def gradient_descent(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: GradientDescentHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(GradientDescentHyperparameters)
+def gradient_descent(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """GD / fine-tune: a copy of `model` trained with cross-entropy on the retain set only."""
-    hp = resolve_hyperparameters(GradientDescentHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    device = model_device(model)
-    watch = Stopwatch(device)
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        passes = _descend_or_ascend(unlearned, data, retain_indices(len(data), forget), hp, 1.0, generator)
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), {})
+    return _descend_or_ascend(req, req.retain, 1.0)
 
 
-def gradient_ascent(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: GradientAscentHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(GradientAscentHyperparameters)
+def gradient_ascent(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """GA: a copy of `model` trained to increase the cross-entropy on the forget set."""
-    hp = resolve_hyperparameters(GradientAscentHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    device = model_device(model)
-    watch = Stopwatch(device)
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        passes = _descend_or_ascend(unlearned, data, forget, hp, -1.0, generator)
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), {})
+    return _descend_or_ascend(req, req.forget, -1.0)
 
 
-def neggrad_plus(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: NegGradPlusHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(NegGradPlusHyperparameters)
+def neggrad_plus(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """NegGrad+: each step descends alpha·CE on a retain batch and ascends (1 − alpha)·CE on a forget batch;
     the forget set is cycled (reshuffled whenever exhausted) alongside one pass over the retain set per
     epoch."""
-    hp = resolve_hyperparameters(NegGradPlusHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    retain = retain_indices(len(data), forget)
+    hp, device, forget, retain = req.hp, req.device, req.forget, req.retain
     if retain.numel() == 0:
         raise ValueError("the forget set is the whole training set: NegGrad+ needs retain examples.")
-    device = model_device(model)
-    watch = Stopwatch(device)
-    xr, yr = data.x[retain.to(data.x.device)].to(device), data.y[retain.to(data.y.device)].to(device)
-    xf, yf = data.x[forget.to(data.x.device)].to(device), data.y[forget.to(data.y.device)].to(device)
+    (xr, yr), (xf, yf) = req.examples(retain), req.examples(forget)
     forget_batch = min(hp.batch_size, forget.numel())
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        optimizer = _sgd(unlearned, hp)
-        unlearned.train()
-        passes = 0.0
-        forget_queue: list[torch.Tensor] = []
-        for _ in range(hp.epochs):
-            for rb in shuffled_batches(retain.numel(), hp.batch_size, generator):
-                if not forget_queue:
-                    forget_queue = shuffled_batches(forget.numel(), forget_batch, generator)
-                rb, fb = rb.to(device), forget_queue.pop(0).to(device)
-                loss = hp.alpha * _cross_entropy(unlearned, xr[rb], yr[rb], device, hp.amp) - (
-                    1.0 - hp.alpha
-                ) * _cross_entropy(unlearned, xf[fb], yf[fb], device, hp.amp)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                passes += rb.numel() + fb.numel()
-        unlearned.eval()
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), {})
-
-
-gradient_descent.Hyperparameters = GradientDescentHyperparameters
-gradient_descent.inputs = ()
-gradient_ascent.Hyperparameters = GradientAscentHyperparameters
-gradient_ascent.inputs = ()
-neggrad_plus.Hyperparameters = NegGradPlusHyperparameters
-neggrad_plus.inputs = ()
+    unlearned = copy_model(req.model)
+    optimizer = _sgd(unlearned, hp)
+    unlearned.train()
+    passes = 0.0
+    forget_queue: list[torch.Tensor] = []
+    for _ in range(hp.epochs):
+        for rb in shuffled_batches(retain.numel(), hp.batch_size, req.generator):
+            if not forget_queue:
+                forget_queue = shuffled_batches(forget.numel(), forget_batch, req.generator)
+            rb, fb = rb.to(device), forget_queue.pop(0).to(device)
+            loss = hp.alpha * _cross_entropy(unlearned, xr[rb], yr[rb], device, hp.amp) - (
+                1.0 - hp.alpha
+            ) * _cross_entropy(unlearned, xf[fb], yf[fb], device, hp.amp)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            passes += rb.numel() + fb.numel()
+    unlearned.eval()
+    return unlearned, passes, {}

@@ -177,7 +177,9 @@ def oracle_floor(oracle_margins, seed: int) -> np.ndarray:
     oracle_margins: (n_models, n_points), n_models >= 2; the models are split at random (seeded) into two
     halves of n_models // 2 (one is left out when n_models is odd). The floor uses half as many models per
     side as a method's KLOM, so it reads higher than the true floor at n_models (reference.md §8: 1.5-1.9 at
-    p95 for 50 vs 50); compare methods and floors at the same number of models where possible.
+    p95 for 50 vs 50); compare methods and floors at the same number of models where possible. Where n_models
+    further oracles exist (fresh seeds, trained alike), `klom(fresh, oracle_margins)` is that floor, scored
+    exactly as a method is; this half split is the fallback without them.
     """
     o = _check_margin_matrix(oracle_margins, "oracle")
     if o.shape[0] < 2:

@@ -3,7 +3,7 @@ reference.md §5, seeds/mu-mis-*.txt).
 
 Data flow: `mu_mis(model, forget, hp)` sees only the model and the forget set — by its signature it cannot use
 retain data; `mu_mis_method`, the `unlearning.METHODS["mu_mis"]` entry, slices the forget set out of the
-training set first.
+training set first. Both run `_run_mu_mis`, whose signature is as narrow.
 
 Loss (reference.md §5): mean over x ∈ D_f of ‖∇ₓ f_c(x)‖² − ‖∇ₓ f_c′(x)‖², c = the label, c′ = one irrelevant
 class drawn per sample at every step. Its parameter gradient needs a double backward (input gradients with
@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from unlearning.base import (
-    Cost,
-    Stopwatch,
     UnlearnData,
+    UnlearnRequest,
     UnlearnResult,
-    check_forget_idx,
     copy_model,
-    model_device,
-    resolve_hyperparameters,
-    seeded,
+    run_timed,
     shuffled_batches,
     trainable_parameters,
+    unlearning_method,
 )
 
 STEP_PASSES = 1.0 / 3.0 + 2 * (2.0 / 3.0) + 2.0  # per sample per optimisation step (module docstring)
@@ -134,61 +130,69 @@ def mu_mis(
     hp = hp if hp is not None else MuMisHyperparameters()
     if len(forget) == 0:
         raise ValueError("the forget set is empty: there is nothing to unlearn.")
-    device = model_device(model)
-    watch = Stopwatch(device)
+    return run_timed(model, seed, lambda device, generator: _run_mu_mis(model, forget, hp, device, generator))
+
+
+def _run_mu_mis(
+    model: nn.Module,
+    forget: UnlearnData,
+    hp: MuMisHyperparameters,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[nn.Module, float, dict]:
+    """MU-Mis on a copy of `model`, seeing only the forget set; returns (the copy, example passes, info)."""
     x = forget.x.to(device)
     y = forget.y.to(device)
     n = len(forget)
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        unlearned.eval()  # BN running statistics frozen, no dropout (module docstring)
-        with torch.no_grad():
-            num_classes = int(unlearned(x[:1]).shape[1])
-        if num_classes < 2:
-            raise ValueError(
-                f"MU-Mis needs at least 2 classes (an irrelevant class per sample); got {num_classes}."
-            )
-        if int(y.min()) < 0 or int(y.max()) >= num_classes:
-            raise ValueError(
-                f"forget labels must lie in [0, {num_classes}) for a model with {num_classes} logits."
-            )
-        # c′ for the stop rule: drawn once, fixed for the whole run.
-        check_classes = draw_irrelevant_classes(y, num_classes, generator)
-        s0 = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
-        passes = CHECK_PASSES * n
-        optimizer = torch.optim.SGD(trainable_parameters(unlearned), lr=hp.lr, momentum=hp.momentum)
-        ratios: list[float] = []
-        stopped_by = "max_steps"
-        batches: list[torch.Tensor] = []
-        for _ in range(hp.max_steps):
-            if not batches:
-                batches = shuffled_batches(n, hp.batch_size, generator)
-            batch = batches.pop(0).to(device)
-            irrelevant = draw_irrelevant_classes(y[batch], num_classes, generator)
-            loss = mu_mis_loss(unlearned, x[batch], y[batch], irrelevant, hp.irrelevant_weight)
-            # Kept to roll back a step that overflows (see below); eval mode leaves buffers untouched.
-            previous = [p.detach().clone() for p in unlearned.parameters()]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            passes += STEP_PASSES * batch.numel()
-            s_t = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
-            passes += CHECK_PASSES * n
-            # A zero initial sensitivity (e.g. all-dead ReLUs) makes any growth infinite: stop at once.
-            ratios.append(s_t / s0 if s0 > 0 else (math.inf if s_t > 0 else 1.0))
-            if not (math.isfinite(loss.item()) and math.isfinite(s_t)):
-                # Maximising the irrelevant-class term is unbounded: past the delta rule it can overflow.
-                # Return the weights before the overflowing step.
-                with torch.no_grad():
-                    for p, old in zip(unlearned.parameters(), previous):
-                        p.copy_(old)
-                ratios.pop()
-                stopped_by = "non_finite"
-                break
-            if ratios[-1] > hp.delta:
-                stopped_by = "delta"
-                break
-        unlearned.zero_grad(set_to_none=True)
+    unlearned = copy_model(model)
+    unlearned.eval()  # BN running statistics frozen, no dropout (module docstring)
+    with torch.no_grad():
+        num_classes = int(unlearned(x[:1]).shape[1])
+    if num_classes < 2:
+        raise ValueError(
+            f"MU-Mis needs at least 2 classes (an irrelevant class per sample); got {num_classes}."
+        )
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(
+            f"forget labels must lie in [0, {num_classes}) for a model with {num_classes} logits."
+        )
+    # c′ for the stop rule: drawn once, fixed for the whole run.
+    check_classes = draw_irrelevant_classes(y, num_classes, generator)
+    s0 = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
+    passes = CHECK_PASSES * n
+    optimizer = torch.optim.SGD(trainable_parameters(unlearned), lr=hp.lr, momentum=hp.momentum)
+    ratios: list[float] = []
+    stopped_by = "max_steps"
+    batches: list[torch.Tensor] = []
+    for _ in range(hp.max_steps):
+        if not batches:
+            batches = shuffled_batches(n, hp.batch_size, generator)
+        batch = batches.pop(0).to(device)
+        irrelevant = draw_irrelevant_classes(y[batch], num_classes, generator)
+        loss = mu_mis_loss(unlearned, x[batch], y[batch], irrelevant, hp.irrelevant_weight)
+        # Kept to roll back a step that overflows (see below); eval mode leaves buffers untouched.
+        previous = [p.detach().clone() for p in unlearned.parameters()]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        passes += STEP_PASSES * batch.numel()
+        s_t = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
+        passes += CHECK_PASSES * n
+        # A zero initial sensitivity (e.g. all-dead ReLUs) makes any growth infinite: stop at once.
+        ratios.append(s_t / s0 if s0 > 0 else (math.inf if s_t > 0 else 1.0))
+        if not (math.isfinite(loss.item()) and math.isfinite(s_t)):
+            # Maximising the irrelevant-class term is unbounded: past the delta rule it can overflow.
+            # Return the weights before the overflowing step.
+            with torch.no_grad():
+                for p, old in zip(unlearned.parameters(), previous):
+                    p.copy_(old)
+            ratios.pop()
+            stopped_by = "non_finite"
+            break
+        if ratios[-1] > hp.delta:
+            stopped_by = "delta"
+            break
+    unlearned.zero_grad(set_to_none=True)
     info = {
         "steps": len(ratios),
         "stopped_by": stopped_by,
@@ -196,23 +200,11 @@ def mu_mis(
         "initial_sensitivity": s0,
         "check_classes": check_classes,
     }
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), info)
+    return unlearned, passes, info
 
 
-def mu_mis_method(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: MuMisHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
-    """The METHODS entry: slice the forget set out of the training set and run `mu_mis` on it alone."""
-    hp = resolve_hyperparameters(MuMisHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    return mu_mis(model, data.subset(forget), hp, seed=seed)
-
-
-mu_mis_method.Hyperparameters = MuMisHyperparameters
-mu_mis_method.inputs = ()
+@unlearning_method(MuMisHyperparameters)
+def mu_mis_method(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+    """The METHODS entry: slice the forget set out of the training set and run `mu_mis`'s algorithm on it
+    alone."""
+    return _run_mu_mis(req.model, req.data.subset(req.forget), req.hp, req.device, req.generator)

@@ -16,20 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearning.base import (
-    Cost,
-    Stopwatch,
     UnlearnData,
-    UnlearnResult,
+    UnlearnRequest,
     as_float_tensor,
     autocast,
-    check_forget_idx,
     copy_model,
     model_device,
-    resolve_hyperparameters,
     retain_indices,
-    seeded,
     shuffled_batches,
     trainable_parameters,
+    unlearning_method,
 )
 
 
@@ -116,28 +112,11 @@ def match_logits(
     return passes, info
 
 
-def oracle_matching(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    oracle_logits: Any,
-    seed: int = 0,
-    hparams: OracleMatchingHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(OracleMatchingHyperparameters)
+def oracle_matching(req: UnlearnRequest, *, oracle_logits: Any) -> tuple[nn.Module, float, dict]:
     """OM: a copy of `model` fine-tuned so its logits on the fine-tuning set match `oracle_logits` (N, C), the
     oracle's logits on the N training points. Keyword overrides replace hyperparameters (e.g. `epochs=3`)."""
-    hp = resolve_hyperparameters(OracleMatchingHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    device = model_device(model)
-    oracle = as_float_tensor("oracle_logits", oracle_logits, (len(data), None), device)
-    watch = Stopwatch(device)
-    with seeded(seed, device) as generator:
-        unlearned = copy_model(model)
-        passes, info = match_logits(unlearned, data, forget, oracle, hp, generator)
-    return UnlearnResult(unlearned, Cost(watch.seconds(), passes), info)
-
-
-oracle_matching.Hyperparameters = OracleMatchingHyperparameters
-oracle_matching.inputs = ("oracle_logits",)
+    oracle = as_float_tensor("oracle_logits", oracle_logits, (len(req.data), None), req.device)
+    unlearned = copy_model(req.model)
+    passes, info = match_logits(unlearned, req.data, req.forget, oracle, req.hp, req.generator)
+    return unlearned, passes, info

@@ -13,18 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from unlearning.base import (
-    Cost,
-    Stopwatch,
-    UnlearnData,
-    UnlearnResult,
-    check_forget_idx,
-    copy_model,
-    model_device,
-    resolve_hyperparameters,
-    retain_indices,
-    seeded,
-)
+from unlearning.base import Cost, UnlearnData, UnlearnRequest, copy_model, unlearning_method
 
 # train_fn(retain_data, seed) returns the trained model, or (model, example_passes) / (model, Cost) to report
 # what training cost; a bare model is costed as epochs × |retain| passes when `epochs` is given.
@@ -39,30 +28,18 @@ class RetrainHyperparameters:
     epochs: int | None = None
 
 
-def retrain(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    train_fn: TrainFn,
-    seed: int = 0,
-    hparams: RetrainHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(RetrainHyperparameters)
+def retrain(req: UnlearnRequest, *, train_fn: TrainFn) -> tuple[nn.Module, float, dict]:
     """The oracle: `train_fn(retain_data, seed)` trains a fresh model on the retain set only. `model` is not
     used beyond identifying the request (it is not mutated)."""
-    hp = resolve_hyperparameters(RetrainHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
     if not callable(train_fn):
         raise ValueError(
             "retrain needs train_fn: a callable (retain_data: UnlearnData, seed: int) -> nn.Module."
         )
-    retain = retain_indices(len(data), forget)
-    device = model_device(model)
-    watch = Stopwatch(device)
-    # Under seeded(), a train_fn drawing from torch's global RNG (initialisation, dropout) is deterministic.
-    with seeded(seed, device):
-        out = train_fn(data.subset(retain), seed)
+    retain = req.retain
+    # Under seeded() (unlearning_method), a train_fn drawing from torch's global RNG (initialisation, dropout)
+    # is deterministic.
+    out = train_fn(req.data.subset(retain), req.seed)
     reported: Any = None
     if isinstance(out, tuple):
         if len(out) != 2:
@@ -74,11 +51,11 @@ def retrain(
         passes = float(reported.example_passes)
     elif reported is not None:
         passes = float(reported)
-    elif hp.epochs is not None:
-        passes = float(hp.epochs * retain.numel())
+    elif req.hp.epochs is not None:
+        passes = float(req.hp.epochs * retain.numel())
     else:
         passes = float("nan")
-    return UnlearnResult(out.eval(), Cost(watch.seconds(), passes), {})
+    return out.eval(), passes, {}
 
 
 @dataclass(frozen=True)
@@ -86,24 +63,7 @@ class DoNothingHyperparameters:
     """Doing nothing has no hyperparameters."""
 
 
-def do_nothing(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: DoNothingHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(DoNothingHyperparameters)
+def do_nothing(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """A copy of the model, at zero example passes: the baseline every method must beat on the forget set."""
-    resolve_hyperparameters(DoNothingHyperparameters, hparams, overrides)
-    check_forget_idx(forget_idx, len(data))
-    watch = Stopwatch(model_device(model))
-    unlearned = copy_model(model)
-    return UnlearnResult(unlearned, Cost(watch.seconds(), 0.0), {})
-
-
-retrain.Hyperparameters = RetrainHyperparameters
-retrain.inputs = ("train_fn",)
-do_nothing.Hyperparameters = DoNothingHyperparameters
-do_nothing.inputs = ()
+    return copy_model(req.model), 0.0, {}

@@ -9,7 +9,6 @@ train mode (as in SCRUB); the teacher is a frozen copy in eval mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +16,12 @@ from torch import nn
 
 from unlearning.base import (
     FORWARD_PASS,
-    Cost,
-    Stopwatch,
-    UnlearnData,
-    UnlearnResult,
+    UnlearnRequest,
     autocast,
-    check_forget_idx,
     copy_model,
-    model_device,
-    resolve_hyperparameters,
-    retain_indices,
-    seeded,
     shuffled_batches,
     trainable_parameters,
+    unlearning_method,
 )
 
 
@@ -65,62 +57,45 @@ def distillation_kl(
     return kl * temperature**2
 
 
-def scrub(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: Any,
-    *,
-    seed: int = 0,
-    hparams: ScrubHyperparameters | None = None,
-    **overrides: Any,
-) -> UnlearnResult:
+@unlearning_method(ScrubHyperparameters)
+def scrub(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """SCRUB: max-steps maximise KL(teacher‖student) on the forget set; min-steps minimise gamma·CE +
     alpha·KL(teacher‖student) on the retain set. Returns the student."""
-    hp = resolve_hyperparameters(ScrubHyperparameters, hparams, overrides)
-    forget = check_forget_idx(forget_idx, len(data))
-    retain = retain_indices(len(data), forget)
+    hp, device, forget, retain = req.hp, req.device, req.forget, req.retain
     if retain.numel() == 0:
         raise ValueError("the forget set is the whole training set: SCRUB needs retain examples.")
-    device = model_device(model)
-    watch = Stopwatch(device)
-    xr, yr = data.x[retain.to(data.x.device)].to(device), data.y[retain.to(data.y.device)].to(device)
-    xf = data.x[forget.to(data.x.device)].to(device)
-    with seeded(seed, device) as generator:
-        teacher = copy_model(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        student = copy_model(model)
-        optimizer = torch.optim.Adam(trainable_parameters(student), lr=hp.lr)
-        student.train()
-        passes = 0.0
+    (xr, yr), (xf, _) = req.examples(retain), req.examples(forget)
+    teacher = copy_model(req.model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy_model(req.model)
+    optimizer = torch.optim.Adam(trainable_parameters(student), lr=hp.lr)
+    student.train()
+    passes = 0.0
 
-        def step(x: torch.Tensor, loss_fn) -> None:
-            nonlocal passes
-            with torch.no_grad(), autocast(device, hp.amp):
-                teacher_logits = teacher(x)
-            with autocast(device, hp.amp):
-                student_logits = student(x)
-            loss = loss_fn(student_logits.float(), teacher_logits.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            passes += x.shape[0] * (1.0 + FORWARD_PASS)  # student forward + backward, teacher forward
+    def step(x: torch.Tensor, loss_fn) -> None:
+        nonlocal passes
+        with torch.no_grad(), autocast(device, hp.amp):
+            teacher_logits = teacher(x)
+        with autocast(device, hp.amp):
+            student_logits = student(x)
+        loss = loss_fn(student_logits.float(), teacher_logits.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        passes += x.shape[0] * (1.0 + FORWARD_PASS)  # student forward + backward, teacher forward
 
-        for epoch in range(hp.epochs):
-            if epoch < hp.max_steps:
-                for fb in shuffled_batches(forget.numel(), hp.batch_size, generator):
-                    step(xf[fb.to(device)], lambda s, t: -distillation_kl(s, t, hp.temperature))
-            for rb in shuffled_batches(retain.numel(), hp.batch_size, generator):
-                rb = rb.to(device)
-                yb = yr[rb]
-                step(
-                    xr[rb],
-                    lambda s, t, yb=yb: hp.gamma * F.cross_entropy(s, yb)
-                    + hp.alpha * distillation_kl(s, t, hp.temperature),
-                )
-        student.eval()
-    return UnlearnResult(student, Cost(watch.seconds(), passes), {})
-
-
-scrub.Hyperparameters = ScrubHyperparameters
-scrub.inputs = ()
+    for epoch in range(hp.epochs):
+        if epoch < hp.max_steps:
+            for fb in shuffled_batches(forget.numel(), hp.batch_size, req.generator):
+                step(xf[fb.to(device)], lambda s, t: -distillation_kl(s, t, hp.temperature))
+        for rb in shuffled_batches(retain.numel(), hp.batch_size, req.generator):
+            rb = rb.to(device)
+            yb = yr[rb]
+            step(
+                xr[rb],
+                lambda s, t, yb=yb: hp.gamma * F.cross_entropy(s, yb)
+                + hp.alpha * distillation_kl(s, t, hp.temperature),
+            )
+    student.eval()
+    return student, passes, {}
