@@ -108,6 +108,10 @@ class ModelsConfig:
     # extra oracles per forget set whose mean logits are Oracle Matching's target (kept apart from the K
     # oracles that KLOM compares against, so OM is not scored against its own targets)
     om_oracles: int = 2
+    # K more oracles per forget set for the report's oracle floor: KLOM of these fresh oracles against the K that
+    # methods are scored against, K vs K like a method (off: the floor splits the K oracles, K/2 vs K/2, which
+    # reads higher from sampling noise alone)
+    floor_oracles: bool = True
     # models per work unit (= rows per Zarr chunk)
     block_size: int = 4
 

@@ -3,9 +3,11 @@ and plots a person reads. Last step of the data flow: reads forget_sets.json, mo
 unlearned/<fs>/<method>.zarr and datamodels/<method>.zarr (LDS); writes runs/<name>/report/{report.md,
 metrics.json, *.png}.
 
-KLOM compares K unlearned models with the first K oracles of a forget set (reference.md §4); the last
-om_oracles oracles are Oracle Matching's targets and are never used here, so OM is not scored against the
-models it matched.
+KLOM compares K unlearned models with the first K oracles of a forget set, the reference (reference.md §4); the
+next om_oracles oracles are Oracle Matching's targets and are never used here, so OM is not scored against the
+models it matched. The oracle floor is the K floor oracles that follow (pipelines/stages/models.py) scored against
+the reference like a method, K vs K; a run without them falls back to two disjoint halves of the reference, K/2
+vs K/2, which reads higher from sampling noise alone (reference.md §8).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from attribution.store import StoreError, open_store
 from pipelines.config import UnlearnConfig
+from pipelines.stages.models import stored_oracle_rows
 from unlearning.klom import klom, klom_summary, margins, oracle_floor
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, per_example_loss, population_mia
 
@@ -36,8 +39,8 @@ def build_report(run_dir: Path, labels: np.ndarray, *, seed: int = 0, linear: di
     metrics (as written to metrics.json).
 
     run_dir: the run directory; labels: (T,) integer labels of all targets (training examples, then test);
-    seed: seeds the oracle floor's random halves and the MIA's subsampling and folds; linear: the result of
-    pipelines.linear.linear_experiment, plotted and summarised when given.
+    seed: seeds the oracle floor's random halves (when it falls back to them) and the MIA's subsampling and
+    folds; linear: the result of pipelines.linear.linear_experiment, plotted and summarised when given.
     Writes run_dir/report/{report.md, metrics.json, klom_vs_cost.png, klom_distributions.png, lds_curve.png
     (when an LDS curve is stored), linear.png (when `linear` is given)}.
     """
@@ -93,7 +96,7 @@ def _run_info(models) -> dict:
                          "rerun that stage")
     n, t = int(attrs["n_train"]), int(attrs["n_targets"])
     test = attrs.get("targets", {}).get("test", [n, t])
-    return {"k": int(attrs["k"]), "om": int(attrs.get("om_oracles", 0)), "n": n, "t": t,
+    return {"k": int(attrs["k"]), "oracle_rows": stored_oracle_rows(models), "n": n, "t": t,
             "c": int(attrs["num_classes"]), "epochs": float(attrs["epochs"]),
             "test": (int(test[0]), int(test[1]))}
 
@@ -176,7 +179,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
     if f"oracle/{fs}/done" not in models or not np.asarray(models[f"oracle/{fs}/done"][:k]).all():
         skipped.append(f"forget set {fs}: its first {k} oracles are not all trained (run the models stage)")
         return None
-    # Only the first K oracles: the last om_oracles are Oracle Matching's targets (module doc).
+    # Only the first K oracles, the reference: the others are OM's targets and the floor's (module doc).
     oracle_logits = np.asarray(models[f"oracle/{fs}/logits"][:k])
     oracle_margins = margins(oracle_logits, labels)
     oracle_seconds = float(np.mean(models[f"oracle/{fs}/seconds"][:k]))
@@ -189,9 +192,10 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
                "cost": {"passes_fraction": 1.0, "seconds_fraction": 1.0, "seconds": oracle_seconds,
                         "example_passes": retrain_passes}}
     per_point, floor = {}, None
-    if k >= 2:  # the floor splits the oracles in two halves
-        floor_values = oracle_floor(oracle_margins, seed)
-        floor = {"klom": klom_summary(floor_values, sets), "n_models_per_side": k // 2}
+    found = _oracle_floor(models, fs, info["oracle_rows"], labels, oracle_margins, seed, skipped)
+    if found is not None:
+        floor_values, kind, per_side = found
+        floor = {"klom": klom_summary(floor_values, sets), "kind": kind, "n_models_per_side": per_side}
         per_point["oracle floor"] = floor_values[forget]
 
     methods = {}
@@ -231,6 +235,27 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
              "oracle_floor": floor, "retrain": retrain}, per_point)
 
 
+def _oracle_floor(models, fs, rows, labels, oracle_margins, seed, skipped):
+    """(per-point KLOM, kind, models per side) of the oracle floor of one forget set, or None (K < 2, no floor
+    oracles). kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K
+    vs K; "half_split" (floor oracles off or unfinished): two disjoint halves of the reference, K/2 vs K/2."""
+    k = oracle_margins.shape[0]
+    if rows["floor"].stop > rows["floor"].start:
+        if np.asarray(models[f"oracle/{fs}/done"][rows["floor"]]).all():
+            floor_logits = np.asarray(models[f"oracle/{fs}/logits"][rows["floor"]])
+            return klom(margins(floor_logits, labels), oracle_margins), "floor_oracles", k
+        skipped.append(f"forget set {fs}: its floor oracles are not all trained (run the models stage); its "
+                       f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")
+    if k < 2:
+        return None
+    return oracle_floor(oracle_margins, seed), "half_split", k // 2
+
+
+def _floor_label(floor: dict) -> str:
+    n = floor["n_models_per_side"]
+    return f"oracle floor ({n} vs {n})"
+
+
 def _linear_summary(linear: dict) -> dict:
     """The linear experiment without its curves: settings and iterations to tolerance per method and seed."""
     return {"settings": linear.get("settings"), "seeds": linear.get("seeds"),
@@ -266,7 +291,7 @@ def _headline(klom_sets: dict) -> float:
     return float(np.mean([klom_sets[s][HEADLINE] for s in POINT_SETS]))
 
 
-def _table(fs_metrics: dict, k: int) -> list[str]:
+def _table(fs_metrics: dict) -> list[str]:
     head = ("| method | KLOM p95 forget | KLOM p95 retain | KLOM p95 val | KLOM p99 avg | FA % | RA % | TA % "
             "| avg gap % | MIA % | cost % passes | seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -285,8 +310,8 @@ def _table(fs_metrics: dict, k: int) -> list[str]:
     r = fs_metrics["retrain"]
     row("retrain (oracles)", None, r["accuracy"], None, r["mia"], r["cost"])
     if fs_metrics["oracle_floor"] is not None:
-        floor = fs_metrics["oracle_floor"]["klom"]
-        row(f"oracle floor ({k // 2} vs {k // 2})", floor, None, None, None, None)
+        floor = fs_metrics["oracle_floor"]
+        row(_floor_label(floor), floor["klom"], None, None, None, None)
     return lines
 
 
@@ -309,14 +334,22 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         "mean |difference| of FA, RA, TA to retraining (MU-Mis); MIA = population membership "
         f"inference, forget vs test losses, {MIA_FOLDS}-fold CV accuracy (ideal about 50%); cost = "
         "example passes as a % of retraining (epochs x retained examples); seconds = wall time per "
-        f"model. The oracle floor compares two disjoint halves of the oracles ({k // 2} vs {k // 2} "
-        "models): histograms of half as many models are noisier, so it reads higher than the true "
-        "floor at K vs K, a pessimistic bound (reference.md §8).",
+        "model.",
         "",
     ]
+    kinds = {m["oracle_floor"]["kind"] for m in metrics["forget_sets"].values() if m["oracle_floor"]}
+    if "floor_oracles" in kinds:
+        lines += [f"Oracle floor ({k} vs {k}): what retraining itself scores, KLOM of {k} further oracles "
+                  "(fresh seeds, trained like the others) against the oracles the methods are scored against, "
+                  "the same comparison as a method's.", ""]
+    if "half_split" in kinds:
+        lines += [f"Oracle floor ({k // 2} vs {k // 2}), where the floor oracles are missing "
+                  "(models.floor_oracles off or unfinished): KLOM between two disjoint halves of the oracles; "
+                  "histograms of half as many models are noisier, so it reads higher than the floor at K vs K, "
+                  "a pessimistic bound (reference.md §8).", ""]
     for fs, m in metrics["forget_sets"].items():
         lines += [f"## Forget set `{fs}` ({m['size']} points)", "", m["how"], ""]
-        lines += _table(m, k)
+        lines += _table(m)
         if m["retrain"]["mia"] is None:
             lines += ["", f"MIA not computed: it needs at least {MIA_FOLDS} forget points for "
                           f"{MIA_FOLDS}-fold CV."]
@@ -410,8 +443,7 @@ def plot_klom_vs_cost(metrics: dict, path) -> None:
                         textcoords="offset points", fontsize=7.5)
         if m["oracle_floor"] is not None:
             floor = _headline(m["oracle_floor"]["klom"])
-            ax.axhline(floor, color="grey", ls="--", lw=1.2, label=f"oracle floor ({metrics['k'] // 2} vs "
-                                                                  f"{metrics['k'] // 2})")
+            ax.axhline(floor, color="grey", ls="--", lw=1.2, label=_floor_label(m["oracle_floor"]))
             ax.scatter(1.0, floor, marker="*", s=160, color="black", zorder=3,
                        label="retrain (cost 1, KLOM = floor)")
         ax.set_xscale("log")
@@ -420,9 +452,10 @@ def plot_klom_vs_cost(metrics: dict, path) -> None:
         ax.set_xlabel("cost / retraining (example passes, log scale)")
         ax.grid(True, which="major", alpha=0.3)
     # one y range for all panels, set after plotting: a limit fixed on the first panel would hide the points of
-    # the others that lie above it (shared axes)
-    top = max(max(_headline(e["klom"]) for e in m["methods"].values()) for m in sets.values() if m["methods"])
-    axes[0].set_ylim(0, 1.08 * top)
+    # the others that lie above it (shared axes); the floor lines too, and a run with no method yet
+    tops = [_headline(e["klom"]) for m in sets.values() for e in m["methods"].values()]
+    tops += [_headline(m["oracle_floor"]["klom"]) for m in sets.values() if m["oracle_floor"] is not None]
+    axes[0].set_ylim(0, 1.08 * max(tops, default=1.0))
     axes[0].set_ylabel(f"KLOM {HEADLINE} (nats), mean of forget / retain / val")
     handles, names = {}, []
     for ax in axes:
@@ -452,9 +485,9 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
         for patch, name in zip(box["boxes"], names):
             patch.set_facecolor(colors.get(name, (0.8, 0.8, 0.8, 1.0)))
             patch.set_alpha(0.75)
-        h = metrics["k"] // 2
+        floor = metrics["forget_sets"][fs]["oracle_floor"]
         ax.set_yticks(range(1, len(names) + 1),
-                      [n if n != "oracle floor" else f"oracle floor ({h} vs {h})" for n in names], fontsize=8)
+                      [n if n != "oracle floor" else _floor_label(floor) for n in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("KLOM per forget point (nats)")
         ax.set_title(f"forget set {fs} ({metrics['forget_sets'][fs]['size']} points)", fontsize=10)

@@ -1,9 +1,13 @@
-"""Stage `models`: K full models (all training data) and, per forget set, K + om_oracles oracles (retrained
-without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
+"""Stage `models`: K full models (all training data) and, per forget set, K + om_oracles (+ K floor) oracles
+(retrained without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
 
-Layout: `full/{params,logits,seconds,done}` and `oracle/<forget_set>/{...}`, one row per model. The first K oracles
-are KLOM's reference; the last om_oracles are Oracle Matching's target (kept apart so OM is not scored against the
-very models it matched). Work unit = (ensemble, block of model indices).
+Layout: `full/{params,logits,seconds,done}` and `oracle/<forget_set>/{...}`, one row per model (`oracle_rows`):
+rows [0, K) are KLOM's reference; [K, K + om_oracles) Oracle Matching's target (kept apart so OM is not scored
+against the very models it matched); with models.floor_oracles, [K + om_oracles, 2K + om_oracles) the floor
+oracles, which the report scores against the reference as if they were unlearned models (the oracle floor, K vs K).
+Row i of an ensemble trains with seed i of its stream, and work units never straddle the start of the floor rows,
+so the earlier rows train in the same packs, bit for bit, with or without the floor oracles. Store attrs `k`,
+`om_oracles` and `floor_oracles` say which rows are which. Work unit = (ensemble, block of model indices).
 """
 
 from __future__ import annotations
@@ -29,12 +33,24 @@ def oracle_stream(forget_set: str) -> int:
     return 1000 + zlib.crc32(forget_set.encode())
 
 
-def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, int, int]]:
-    """name -> (forget indices or None, number of models, seed stream)."""
-    k = cfg.models.k
-    out = {"full": (None, k, FULL_STREAM)}
+def oracle_rows(k: int, om_oracles: int, floor_oracles: bool) -> dict[str, slice]:
+    """Rows of `oracle/<forget_set>`: "reference" (KLOM's, K), "om" (Oracle Matching's targets, om_oracles) and
+    "floor" (the oracle floor's, K when floor_oracles, else empty), in that order."""
+    om = slice(k, k + om_oracles)
+    return {"reference": slice(0, k), "om": om, "floor": slice(om.stop, om.stop + (k if floor_oracles else 0))}
+
+
+def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, list, int]]:
+    """name -> (forget indices or None, row segments [(start, stop), ...], seed stream). Each segment is cut
+    into work units on its own; the last stop is the number of models."""
+    m = cfg.models
+    rows = oracle_rows(m.k, m.om_oracles, m.floor_oracles)
+    # the reference and OM rows cut into units as they were before the floor oracles, the floor rows on their own
+    floor = (rows["floor"].start, rows["floor"].stop)
+    oracle_segments = [(0, rows["om"].stop)] + ([floor] if m.floor_oracles else [])
+    out = {"full": (None, [(0, m.k)], FULL_STREAM)}
     for name, idx in forget_sets.items():
-        out[f"oracle/{name}"] = (idx, k + cfg.models.om_oracles, oracle_stream(name))
+        out[f"oracle/{name}"] = (idx, oracle_segments, oracle_stream(name))
     return out
 
 
@@ -72,7 +88,8 @@ def run(ctx: RunContext) -> None:
     n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
     block = cfg.models.block_size
     arrays = {}
-    for name, (_, n, _) in plans.items():
+    for name, (_, segments, _) in plans.items():
+        n = segments[-1][1]
         arrays[f"{name}/logits"] = ArraySpec((n, data.n_targets, data.num_classes), "float32",
                                              (block, data.n_targets, data.num_classes), float("nan"))
         arrays[f"{name}/params"] = ArraySpec((n, n_params), "float32", (block, n_params), float("nan"))
@@ -80,12 +97,14 @@ def run(ctx: RunContext) -> None:
         arrays[f"{name}/done"] = ArraySpec((n,), "bool", (block,), False)
     group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=models_config(cfg, sets),
                            attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": cfg.models.om_oracles,
-                                  "epochs": ctx.task.recipe.epochs})
+                                  "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs})
     units = []
-    for name, (_, n, _) in plans.items():
+    for name, (_, segments, _) in plans.items():
         done = group[f"{name}/done"][:]
-        units += [(name, s, min(s + block, n)) for s in range(0, n, block) if not done[s:s + block].all()]
-    total = sum(n for _, n, _ in plans.values())
+        for lo, hi in segments:
+            blocks = [(s, min(s + block, hi)) for s in range(lo, hi, block)]
+            units += [(name, s, e) for s, e in blocks if not done[s:e].all()]
+    total = sum(segments[-1][1] for _, segments, _ in plans.values())
 
     def write(unit: tuple[str, int, int], result: tuple) -> None:
         name, start, stop = unit
@@ -99,3 +118,9 @@ def run(ctx: RunContext) -> None:
 
 def open_models(run_dir) -> zarr.Group:
     return open_store(run_dir / "models.zarr", KIND)
+
+
+def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
+    """`oracle_rows` of a models store, from its attrs (a store from before the floor oracles has none)."""
+    attrs = models.attrs
+    return oracle_rows(int(attrs["k"]), int(attrs.get("om_oracles", 0)), bool(attrs.get("floor_oracles", False)))

@@ -1,6 +1,7 @@
 """The stages forget_sets, models and unlearn on a tiny MNIST-1D run (200 training + 50 test examples,
 K = 2), checked against hand computations: numpy / scikit-learn for the forget sets, direct retraining with
-the training engine for the models, the datamodel formula for DM-Direct. The run is shared by the tests of
+the training engine for the models (and the floor oracles leaving the other rows bit for bit as they were), the
+datamodel formula for DM-Direct. The run is shared by the tests of
 this module and by tests/pipelines/test_unlearn_cli.py (`build_run`).
 """
 
@@ -24,7 +25,7 @@ from pipelines.stages.forget_sets import (
     principal_component_scores,
     random_forget_set,
 )
-from pipelines.stages.models import FULL_STREAM, oracle_stream
+from pipelines.stages.models import FULL_STREAM, oracle_rows, oracle_stream
 from pipelines.tasks import get_task
 from pipelines.training import load_state_vector, predict_logits, train_models
 from tests.conftest import small_config
@@ -32,13 +33,15 @@ from tests.pipelines.test_subsets import InterruptAfter
 from unlearning import METHODS
 
 K, OM_ORACLES = 2, 1
+N_ORACLES = 2 * K + OM_ORACLES  # per forget set: K reference, OM_ORACLES for Oracle Matching, K floor oracles
 ALL_METHODS = tuple(m for m in METHODS if m != "retrain")
 # Keep the tiny run fast: MU-Mis's double-backward steps are the slowest part of the unlearn stage.
 FAST_HPARAMS = {"mu_mis": {"max_steps": 20}}
 
 
 def stage_config(tmp_path, *, methods=ALL_METHODS, random_sizes=(10,), full_class=0, pc_top_k=0, pc_ends=0):
-    """small_config (seed 7, 200 + 50 examples), forget sets random_10 and class_0, K = 2, 1 OM oracle."""
+    """small_config (seed 7, 200 + 50 examples), forget sets random_10 and class_0, K = 2, 1 OM oracle, 2 floor
+    oracles."""
     return dataclasses.replace(
         small_config(tmp_path, epochs=8),
         forget_sets=ForgetSetsConfig(random_sizes=random_sizes, full_class=full_class, pc_top_k=pc_top_k,
@@ -206,7 +209,7 @@ def test_models_train_on_the_right_examples(pipeline):
     # the stored logits are exactly those of the stored params through the task's module
     for name in ("full", "oracle/class_0", "oracle/random_10"):
         params, logits = g[f"{name}/params"][:], g[f"{name}/logits"][:]
-        assert g[f"{name}/done"][:].all() and len(params) == (K if name == "full" else K + OM_ORACLES)
+        assert g[f"{name}/done"][:].all() and len(params) == (K if name == "full" else N_ORACLES)
         for p, lg in zip(params, logits):
             np.testing.assert_array_equal(predict_logits(load_state_vector(task.build_model(10, 0), p),
                                                          data.x_targets), lg)
@@ -225,11 +228,40 @@ def test_models_resume_after_interruption(tmp_path, pipeline):
     assert models_store(RunContext(cfg, cfg.resolved_run_dir()))["full/done"][:].all()
     second = InterruptAfter(None)
     ctx = run(cfg, ["models"], second)
-    assert sorted(second.units) == [("oracle/class_0", 0, 2), ("oracle/class_0", 2, 3),
-                                    ("oracle/random_10", 0, 2), ("oracle/random_10", 2, 3)]
+    # reference + OM rows [0, 3) in blocks of 2 as without the floor oracles, then the floor rows [3, 5)
+    assert sorted(second.units) == [("oracle/class_0", 0, 2), ("oracle/class_0", 2, 3), ("oracle/class_0", 3, 5),
+                                    ("oracle/random_10", 0, 2), ("oracle/random_10", 2, 3),
+                                    ("oracle/random_10", 3, 5)]
     reference = models_store(pipeline[1])
     for name in ("full", "oracle/class_0", "oracle/random_10"):
         np.testing.assert_array_equal(models_store(ctx)[f"{name}/logits"][:], reference[f"{name}/logits"][:])
+
+
+def test_floor_oracles_follow_and_leave_the_other_rows_unchanged(tmp_path, pipeline):
+    """Rows [K + OM, 2K + OM) are the floor oracles: seeds K + OM.. of the oracle stream (trained here directly),
+    without the forget set. The same run with models.floor_oracles off has K + OM oracles per set, equal bit for bit
+    to the first K + OM rows here (same seeds, same packs), and full models equal too."""
+    cfg, ctx, _ = pipeline
+    g = models_store(ctx)
+    assert g.attrs["floor_oracles"] is True and oracle_rows(K, OM_ORACLES, True)["floor"] == slice(3, 5)
+    task, data = get_task(cfg.task), ctx.data
+    forget = forget_sets_stage.load(ctx.run_dir)["random_10"]
+    mask = np.ones(200, bool)
+    mask[forget] = False
+    floor = train_models(task, data, np.repeat(mask[None], K, 0),
+                         model_seeds(K, cfg.seed, oracle_stream("random_10"), start=K + OM_ORACLES),
+                         epoch_size=int(mask.sum()), return_params=True)
+    np.testing.assert_array_equal(g["oracle/random_10/params"][K + OM_ORACLES:], floor.params)
+
+    off = dataclasses.replace(stage_config(tmp_path), models=ModelsConfig(k=K, om_oracles=OM_ORACLES, block_size=2,
+                                                                           floor_oracles=False))
+    without = models_store(run(off, ["forget_sets", "models"]))
+    assert without.attrs["floor_oracles"] is False
+    for name in ("full", "oracle/class_0", "oracle/random_10"):
+        for array in ("params", "logits"):
+            rows = without[f"{name}/{array}"][:]
+            assert len(rows) == (K if name == "full" else K + OM_ORACLES)
+            np.testing.assert_array_equal(rows, g[f"{name}/{array}"][:len(rows)])
 
 
 # ---- unlearn -----------------------------------------------------------------------------------------------
@@ -267,8 +299,13 @@ def test_do_nothing_and_dm_direct_logits(pipeline):
 
 
 def test_unlearn_is_reproducible_in_a_new_dir(tmp_path, pipeline):
+    """... and Oracle Matching's target is the mean of rows [K, K + OM) only: the floor oracles after them,
+    spoilt here, change nothing."""
     methods = ("dm_matching", "oracle_matching", "mu_mis", "scrub")
-    _, ctx, _ = build_run(tmp_path, methods=methods)
+    cfg, ctx, _ = build_run(tmp_path, methods=methods, unlearn=False)
+    for fs in ("random_10", "class_0"):
+        zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r+")[f"oracle/{fs}/logits"][K + OM_ORACLES:] = 1e3
+    run(cfg, ["unlearn"])
     for fs in ("random_10", "class_0"):
         for method in methods:
             np.testing.assert_array_equal(unlearned_store(ctx, fs, method)["logits"][:],
