@@ -66,7 +66,10 @@ def state_vector(model: nn.Module) -> torch.Tensor:
 
 def load_state_vector(model: nn.Module, vector: np.ndarray | torch.Tensor) -> nn.Module:
     """Inverse of state_vector: writes the entries back into `model` (in place) and returns it."""
-    vector = torch.as_tensor(np.asarray(vector)).reshape(-1)
+    if isinstance(vector, torch.Tensor):
+        vector = vector.detach().cpu().reshape(-1)
+    else:  # a copy: rows read through Ray are read-only arrays, which torch warns about
+        vector = torch.from_numpy(np.array(vector)).reshape(-1)
     state = model.state_dict()
     needed = sum(t.numel() for t in state.values() if t.is_floating_point())
     if needed != vector.numel():
