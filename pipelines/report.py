@@ -21,7 +21,7 @@ import numpy as np
 from attribution.store import StoreError, open_store
 from pipelines.config import UnlearnConfig
 from pipelines.stages.models import stored_oracle_rows
-from unlearning.klom import klom, klom_summary, margins, oracle_floor
+from unlearning.klom import klom, klom_summary, margins, oracle_floor, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, per_example_loss, population_mia
 
 # Display order of methods: the config's default order; methods it does not know follow, alphabetically.
@@ -215,13 +215,15 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
             skipped.append(f"{fs}/{method}: logits have shape {logits.shape}, expected (K, T, C) = "
                            f"{(k, info['t'], info['c'])}")
             continue
-        values = klom(margins(logits, labels), oracle_margins)
+        method_margins = margins(logits, labels)
+        values = klom(method_margins, oracle_margins)
         per_point[method] = values[forget]
         acc = _accuracies(logits, labels, sets)
         seconds = float(np.mean(store["seconds"][:]))
         passes = float(np.mean(store["example_passes"][:]))
         methods[method] = {
             "klom": klom_summary(values, sets),
+            "margins": _shift_and_spread(method_margins, oracle_margins, sets),
             "accuracy": acc,
             "avg_gap": _avg_gap(acc, retrain_acc),
             "mia": _mia(per_example_loss(logits, labels), forget, test, seed),
@@ -233,6 +235,18 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         skipped.append(f"forget set {fs}: no finished unlearned stores")
     return ({"size": int(entry.get("size", len(forget))), "how": entry.get("how", ""), "methods": methods,
              "oracle_floor": floor, "retrain": retrain}, per_point)
+
+
+def _shift_and_spread(method_margins, oracle_margins, sets) -> dict:
+    """Per point set: the mean over its points of the mean-margin shift, and the median spread ratio
+    (unlearning.klom.shift_and_spread)."""
+    shift, spread = shift_and_spread(method_margins, oracle_margins)
+    out = {}
+    for name, idx in sets.items():
+        finite = spread[idx][np.isfinite(spread[idx])]
+        out[name] = {"mean_shift": float(shift[idx].mean()),
+                     "spread": float(np.median(finite)) if finite.size else None}
+    return out
 
 
 def _oracle_floor(models, fs, rows, labels, oracle_margins, seed, skipped):
@@ -293,20 +307,20 @@ def _headline(klom_sets: dict) -> float:
 
 def _table(fs_metrics: dict) -> list[str]:
     head = ("| method | KLOM p95 forget | KLOM p95 retain | KLOM p95 val | KLOM p99 avg | FA % | RA % | TA % "
-            "| avg gap % | MIA % | cost % passes | seconds |")
+            "| spread retain | avg gap % | MIA % | cost % passes | seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
 
-    def row(name, kl, acc, gap, mia, cost):
+    def row(name, kl, acc, gap, mia, cost, spread=None):
         cells = [name]
         cells += [_fmt(kl[s]["p95"]) for s in POINT_SETS] if kl else ["–"] * 3
         cells.append(_fmt(float(np.mean([kl[s]["p99"] for s in POINT_SETS]))) if kl else "–")
         cells += [_fmt(acc[s], 100) for s in ("forget", "retain", "test")] if acc else ["–"] * 3
-        cells += [_fmt(gap, 100), _fmt(mia, 100)]
+        cells += [_fmt(spread), _fmt(gap, 100), _fmt(mia, 100)]
         cells += [_fmt(cost["passes_fraction"], 100), _fmt(cost["seconds"])] if cost else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
 
     for name, m in fs_metrics["methods"].items():
-        row(name, m["klom"], m["accuracy"], m["avg_gap"], m["mia"], m["cost"])
+        row(name, m["klom"], m["accuracy"], m["avg_gap"], m["mia"], m["cost"], m["margins"]["retain"]["spread"])
     r = fs_metrics["retrain"]
     row("retrain (oracles)", None, r["accuracy"], None, r["mia"], r["cost"])
     if fs_metrics["oracle_floor"] is not None:
@@ -330,7 +344,10 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         "from retraining, at most about 11.5. Tables give its 95th percentile over each point set "
         "(forget, retain, val = test points) and the mean of the three 99th percentiles.",
         "",
-        "Columns: FA / RA / TA = accuracy on forget / retain / test points (mean over models); avg gap = "
+        "Columns: FA / RA / TA = accuracy on forget / retain / test points (mean over models); spread "
+        "retain = median over retain points of the spread of the method's margins across its models over "
+        "the oracles' (1 = as varied as retraining; below 1, the models were pulled together, which KLOM "
+        "penalises even where mean margins agree; metrics.json also has the mean shift); avg gap = "
         "mean |difference| of FA, RA, TA to retraining (MU-Mis); MIA = population membership "
         f"inference, forget vs test losses, {MIA_FOLDS}-fold CV accuracy (ideal about 50%); cost = "
         "example passes as a % of retraining (epochs x retained examples); seconds = wall time per "

@@ -1,7 +1,8 @@
 """Margins and KLOM (KL divergence of margins): per point, how close unlearning came to retraining.
 
 Data flow: logits of unlearned models and of oracle models (retrained without the forget set) -> `margins` ->
-`klom` per point -> `klom_summary` per point set (forget / retain / validation), next to `oracle_floor`.
+`klom` per point -> `klom_summary` per point set (forget / retain / validation), next to `oracle_floor`;
+`shift_and_spread` splits what KLOM measures into a mean shift and a spread ratio.
 Numpy only; the binning is the project's exact recipe, reference.md §4.
 """
 
@@ -102,6 +103,17 @@ def _bin_counts(samples: np.ndarray, lo: np.ndarray, hi: np.ndarray, edges: np.n
     return np.bincount(flat, minlength=n_points * N_BINS).reshape(n_points, N_BINS)
 
 
+def _paired_margins(unlearned, oracle) -> tuple[np.ndarray, np.ndarray]:
+    u = _check_margin_matrix(unlearned, "unlearned")
+    o = _check_margin_matrix(oracle, "oracle")
+    if u.shape[1] != o.shape[1]:
+        raise ValueError(
+            f"unlearned and oracle margins must cover the same points: got {u.shape[1]} and {o.shape[1]} "
+            "columns"
+        )
+    return u, o
+
+
 def klom(unlearned, oracle) -> np.ndarray:
     """KLOM per point: KL(unlearned || oracle) between histograms of margins (reference.md §4).
 
@@ -111,13 +123,7 @@ def klom(unlearned, oracle) -> np.ndarray:
     renormalised; sum over p_b > 0 of p_b log(p_b / q_b); a point where all samples of both groups are equal
     scores 0.
     """
-    u = _check_margin_matrix(unlearned, "unlearned")
-    o = _check_margin_matrix(oracle, "oracle")
-    if u.shape[1] != o.shape[1]:
-        raise ValueError(
-            f"unlearned and oracle margins must cover the same points: got {u.shape[1]} and {o.shape[1]} "
-            "columns"
-        )
+    u, o = _paired_margins(unlearned, oracle)
     u = np.clip(u, -MARGIN_CLIP, MARGIN_CLIP)
     o = np.clip(o, -MARGIN_CLIP, MARGIN_CLIP)
     lo = np.minimum(u.min(axis=0), o.min(axis=0))
@@ -134,6 +140,21 @@ def klom(unlearned, oracle) -> np.ndarray:
     values = terms.sum(axis=1)
     values[all_equal] = 0.0
     return values
+
+
+def shift_and_spread(unlearned, oracle) -> tuple[np.ndarray, np.ndarray]:
+    """Two of the ways a point's margin distribution can differ from retraining's, which KLOM folds into one
+    number: per point, the shift of the mean margin (unlearned minus oracle) and the spread ratio, the standard
+    deviation over models of the unlearned margins over that of the oracles' (1: the models vary as retrained
+    models do; below 1: the method pulls the models together, which KLOM penalises even where the means agree).
+
+    unlearned, oracle: (n_models, n_points) margins, as for `klom`. Returns two (n_points,) float64 arrays; the
+    ratio is NaN where the oracles' margins do not vary."""
+    u, o = (m.astype(np.float64) for m in _paired_margins(unlearned, oracle))
+    shift = u.mean(axis=0) - o.mean(axis=0)
+    o_std = o.std(axis=0)
+    spread = np.divide(u.std(axis=0), o_std, out=np.full(o_std.shape, np.nan), where=o_std > 0)
+    return shift, spread
 
 
 def klom_summary(values, point_sets: Mapping[str, object]) -> dict[str, dict[str, float]]:

@@ -250,6 +250,25 @@ def test_accuracies_mia_and_cost_match_hand_computation(run):
         assert r["accuracy"]["retain"] == pytest.approx(correct)
 
 
+def test_shift_and_spread_match_an_independent_computation(run):
+    _, metrics, truth = run
+    labels = truth["labels"]
+    for fs in FORGET_SETS:
+        o = margins(truth["oracles"][fs], labels).astype(np.float64)
+        for method in METHODS:
+            u = margins(truth["unlearned"][fs][method]["logits"], labels).astype(np.float64)
+            got = metrics["forget_sets"][fs]["methods"][method]["margins"]
+            for name, idx in point_sets(fs).items():
+                shift = (u[:, idx].mean(0) - o[:, idx].mean(0)).mean()
+                assert got[name]["mean_shift"] == pytest.approx(shift, rel=1e-9, abs=1e-12)
+                assert got[name]["spread"] == pytest.approx(np.median(u[:, idx].std(0) / o[:, idx].std(0)), rel=1e-9)
+        # "perfect" holds the oracles' own margins, rolled across models: no shift, the same spread
+        perfect = metrics["forget_sets"][fs]["methods"]["perfect"]["margins"]
+        for name in ("forget", "retain", "validation"):
+            assert perfect[name]["spread"] == pytest.approx(1.0, abs=1e-12)
+            assert perfect[name]["mean_shift"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_metrics_json_and_markdown(run):
     run_dir, metrics, _ = run
     out = run_dir / "report"
@@ -272,6 +291,8 @@ def test_metrics_json_and_markdown(run):
     do_nothing = next(line for line in rows if line.startswith("| do_nothing |"))
     p95 = metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]["klom"]["forget"]["p95"]
     assert do_nothing.split(" | ")[1] == f"{p95:.3g}"
+    spread = metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]["margins"]["retain"]["spread"]
+    assert do_nothing.split(" | ")[8] == f"{spread:.3g}"
     for png in PNGS:
         assert f"]({png})" in md
 

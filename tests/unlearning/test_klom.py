@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import entropy
 
-from unlearning.klom import EPS, N_BINS, klom, klom_summary, margins, oracle_floor
+from unlearning.klom import EPS, N_BINS, klom, klom_summary, margins, oracle_floor, shift_and_spread
 
 
 def slow_klom_point(u: np.ndarray, o: np.ndarray) -> float:
@@ -190,3 +190,18 @@ def test_oracle_floor_is_klom_between_disjoint_halves():
     np.testing.assert_array_equal(oracle_floor(np.ones((10, 4)), seed=0), 0.0)
     with pytest.raises(ValueError, match="at least 2"):
         oracle_floor(oracle[:1], seed=0)
+
+
+def test_shift_and_spread_of_an_affine_copy():
+    rng = np.random.default_rng(0)
+    oracle = rng.normal(2.0, 1.5, (40, 6))
+    oracle[:, 5] = 3.0  # a point where the oracles agree exactly: no spread to compare with
+    scale, offset = np.array([0.5, 1.0, 2.0, 0.25, 1.0, 1.0]), np.array([0.0, 1.0, -2.0, 0.5, 0.0, 0.0])
+    shift, spread = shift_and_spread(scale * oracle + offset, oracle)
+    expected_shift = (scale - 1.0) * oracle.mean(axis=0) + offset
+    np.testing.assert_allclose(shift, expected_shift, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(spread[:5], scale[:5], rtol=1e-12)
+    assert np.isnan(spread[5])
+    with pytest.raises(ValueError, match="same points"):
+        shift_and_spread(oracle[:, :3], oracle)
+
