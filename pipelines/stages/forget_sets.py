@@ -8,8 +8,8 @@ those components. Everything is seeded by the run seed, and each set records how
 from __future__ import annotations
 
 import json
-import zlib
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from pipelines.config import RecipeConfig, TaskConfig
-from pipelines.tasks import DataError, get_task
-from pipelines.tasks import cifar10
+from pipelines.tasks import DataError, cifar10, get_task
 from pipelines.training import train_models
 
 
