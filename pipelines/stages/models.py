@@ -124,3 +124,12 @@ def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
     """`oracle_rows` of a models store, from its attrs (a store from before the floor oracles has none)."""
     attrs = models.attrs
     return oracle_rows(int(attrs["k"]), int(attrs.get("om_oracles", 0)), bool(attrs.get("floor_oracles", False)))
+
+
+def om_target(models: zarr.Group, forget_set: str) -> np.ndarray | None:
+    """Oracle Matching's target for a forget set: the mean logits (T, C) of its OM oracles; None when the store
+    has none for it or they are not all trained."""
+    rows = stored_oracle_rows(models)["om"]
+    if rows.stop == rows.start or not np.asarray(models[f"oracle/{forget_set}/done"][rows]).all():
+        return None
+    return np.asarray(models[f"oracle/{forget_set}/logits"][rows]).mean(0)

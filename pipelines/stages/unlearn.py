@@ -20,7 +20,7 @@ from attribution.store import ArraySpec, StoreError, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages.models import open_models, stored_oracle_rows
+from pipelines.stages.models import om_target, open_models
 from pipelines.tasks import Task, TaskData, get_task
 from pipelines.training import default_device, load_state_vector, predict_logits
 from unlearning import METHODS, UnlearnData, get_method
@@ -150,16 +150,15 @@ def run(ctx: RunContext) -> None:
         if cfg.models.om_oracles < 1:
             raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it "
                               "matches)")
-        om_rows = stored_oracle_rows(models)["om"]
-        for fs in sets:
-            if not models[f"oracle/{fs}/done"][om_rows].all():
+        oracle_means = {fs: om_target(models, fs) for fs in sets}
+        for fs, target in oracle_means.items():
+            if target is None:
                 raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
                                  "models stage first")
     shared = {
         "task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets,
         "full_params": models["full/params"][:k], "full_logits": models["full/logits"][:k],
-        "oracle_means": {fs: np.asarray(models[f"oracle/{fs}/logits"][om_rows]).mean(0) for fs in sets} if needs_om
-        else {},
+        "oracle_means": oracle_means if needs_om else {},
         "weight_rows": {fs: datamodel_rows(ctx.run_dir, cfg.unlearn.datamodel, idx, data) for fs, idx in sets.items()}
         if needs_dm else {},
         "hparams": cfg.unlearn.hparams,
@@ -228,12 +227,12 @@ def serve_request(run_dir: Path, cfg: RunConfig, forget_ids: np.ndarray, method:
         if not match:
             raise ConfigError("oracle_matching needs oracles retrained without this forget set, and the run has "
                               "none: use dm_matching, which needs only the datamodels")
-        om_rows = stored_oracle_rows(models)["om"]
-        if models.attrs["om_oracles"] < 1 or not models[f"oracle/{match[0]}/done"][om_rows].all():
+        target = om_target(models, match[0])
+        if target is None:
             raise ConfigError(f"oracle_matching needs Oracle Matching's oracles for {match[0]!r} "
                               "(models.om_oracles >= 1, trained by the models stage): finish the models "
                               "stage, or use dm_matching")
-        inputs = {"oracle_logits": np.asarray(models[f"oracle/{match[0]}/logits"][om_rows]).mean(0)[:data.n_train]}
+        inputs = {"oracle_logits": target[:data.n_train]}
     hp = {**cfg.unlearn.hparams.get(method, {}), **(hparams or {})}
     unlearned, logits, seconds, passes, _ = unlearn_model(
         task, data, models["full/params"][model_index], method, idx, seed=method_seed(cfg.seed, model_index, "request",
