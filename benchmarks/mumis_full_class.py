@@ -7,10 +7,11 @@ with its default hyperparameters (unlearning/mumis.py) at each stop threshold δ
 forget / retain / test accuracy (FA / RA / TA) and the largest gap to retraining of RA and TA.
 
 Also printed, per architecture: the interference ratio of one small MU-Mis step on the forget set, i.e. the mean
-|change| of the retain margins divided by the mean |change| of the forget margins (first model, step of norm 1e-3
-along the normalised gradient), and the mean change of each class's logit after MU-Mis (first model, default δ). MU-Mis rests on the forget and remaining samples' input sensitivities being nearly
-orthogonal in parameter space (seeds/mu-mis-qa.txt); a larger ratio means a step that unlearns the class moves the
-remaining data more.
+|change| of the retain margins divided by the mean |change| of the forget margins (KLOM's margins; first model,
+step of norm 1e-3 along the normalised gradient), and the mean change of each class's logit after MU-Mis (first
+model, default δ, whose row is always printed). MU-Mis rests on the forget and remaining samples' input
+sensitivities being nearly orthogonal in parameter space (seeds/mu-mis-qa.txt); a larger ratio means a step that
+unlearns the class moves the remaining data more.
 
     .venv/bin/python benchmarks/mumis_full_class.py [--arch cnn mlp] [--width N] [--epochs 150] [--k 3]
 """
@@ -18,6 +19,7 @@ remaining data more.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 
@@ -31,7 +33,9 @@ from pipelines.tasks.mnist1d import MLP, ConvNet1D
 from pipelines.training import load_state_vector, train_models
 from unlearning import METHODS
 from unlearning.base import UnlearnData
-from unlearning.mumis import draw_irrelevant_classes, mu_mis_loss
+from unlearning.klom import margins
+from unlearning.metrics import accuracy
+from unlearning.mumis import MuMisHyperparameters, draw_irrelevant_classes, mu_mis_loss
 
 
 def build_task(arch: str, width: int | None, n_train: int, epochs: int):
@@ -42,45 +46,38 @@ def build_task(arch: str, width: int | None, n_train: int, epochs: int):
     return dataclasses.replace(task, make_model=make)
 
 
-def accuracies(logits: np.ndarray, y: np.ndarray, forget: np.ndarray, retain: np.ndarray, n: int) -> np.ndarray:
-    """(FA, RA, TA) of logits (..., T, C) over targets = training examples then test examples."""
-    pred = logits.argmax(-1)
-    y_test = y[n:]
-    return np.array([(pred[..., forget] == y[forget]).mean(), (pred[..., retain] == y[retain]).mean(),
-                     (pred[..., n:] == y_test).mean()])
+def accuracies(logits: np.ndarray, y: np.ndarray, point_sets) -> np.ndarray:
+    """(FA, RA, TA): mean over models of the accuracy of logits (..., T, C) on each point set."""
+    return np.array([np.mean(accuracy(logits[..., idx, :], y[idx])) for idx in point_sets])
 
 
-def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def train_margins(model: torch.nn.Module, data, idx: torch.Tensor) -> np.ndarray:
+    """The KLOM margins (unlearning.klom.margins) of the training examples `idx`."""
     with torch.no_grad():
-        z = model(x)
-    correct = z.gather(1, y[:, None]).squeeze(1)
-    return correct - z.scatter(1, y[:, None], -torch.inf).max(1).values
+        return margins(model(data.x_train[idx]).numpy(), data.y_train[idx].numpy())
 
 
 def interference_ratio(model: torch.nn.Module, data, forget: torch.Tensor, retain: torch.Tensor,
                        step: float = 1e-3) -> float:
     x, y = data.x_train, data.y_train
     irrelevant = draw_irrelevant_classes(y[forget], data.num_classes, torch.Generator().manual_seed(0))
-    params = list(model.parameters())
-    loss = mu_mis_loss(model, x[forget], y[forget], irrelevant)
+    stepped = copy.deepcopy(model)
+    params = list(stepped.parameters())
+    loss = mu_mis_loss(stepped, x[forget], y[forget], irrelevant)
     grads = torch.autograd.grad(loss, params, allow_unused=True)  # the last bias leaves input gradients alone
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    before_f, before_r = margins(model, x[forget], y[forget]), margins(model, x[retain], y[retain])
     with torch.no_grad():
         for p, g in zip(params, grads):
             p -= step * g / norm
-    after_f, after_r = margins(model, x[forget], y[forget]), margins(model, x[retain], y[retain])
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p += step * g / norm
-    return float((after_r - before_r).abs().mean() / (after_f - before_f).abs().mean())
+    change_f = train_margins(stepped, data, forget) - train_margins(model, data, forget)
+    change_r = train_margins(stepped, data, retain) - train_margins(model, data, retain)
+    return float(np.abs(change_r).mean() / np.abs(change_f).mean())
 
 
-def logit_shift(model: torch.nn.Module, train: UnlearnData, forget: np.ndarray) -> np.ndarray:
-    """Mean change of each class's logit over the training set after MU-Mis with its default hyperparameters:
-    does it lower the forgotten class's logit, or move the others?"""
-    unlearned = METHODS["mu_mis"](model, train, forget, seed=0).model
+def logit_shift(model: torch.nn.Module, unlearned: torch.nn.Module, train: UnlearnData) -> np.ndarray:
+    """Mean change of each class's logit over the training set from `model` to `unlearned`: does MU-Mis lower
+    the forgotten class's logit, or move the others?"""
     with torch.no_grad():
         return (unlearned(train.x) - model(train.x)).mean(0).numpy()
 
@@ -119,27 +116,32 @@ def main() -> None:
         retrained = train_models(task, data, retrain_masks, model_seeds(args.k, 0, stream=1),
                                  epoch_size=len(retain))
         n_params = full.params.shape[1]
-        ref = accuracies(retrained.logits, y, forget, retain, n)
+        point_sets = (forget, retain, np.arange(n, len(y)))
+        ref = accuracies(retrained.logits, y, point_sets)
         label = f"{arch}{'' if args.width is None else args.width} ({n_params} params)"
-        print(f"{label + ': full':<22} {' '.join(f'{a:6.3f}' for a in accuracies(full.logits, y, forget, retain, n))}")
+        print(f"{label + ': full':<22} {' '.join(f'{a:6.3f}' for a in accuracies(full.logits, y, point_sets))}")
         print(f"{'  retrain':<22} {' '.join(f'{a:6.3f}' for a in ref)}")
         models = [load_state_vector(task.build_model(data.num_classes, 0), v).eval() for v in full.params]
         train = UnlearnData(data.x_train, data.y_train)
         x_targets = data.x_targets
-        for delta in args.deltas:
+        default_delta = MuMisHyperparameters().delta
+        first_default = None  # the first model after MU-Mis at the default delta, for the logit shift
+        for delta in sorted(set(args.deltas) | {default_delta}):
             accs, steps = [], []
             for i, model in enumerate(models):
                 result = METHODS["mu_mis"](model, train, forget, seed=i, delta=delta)
                 with torch.no_grad():
-                    accs.append(accuracies(result.model(x_targets).numpy(), y, forget, retain, n))
+                    accs.append(accuracies(result.model(x_targets).numpy(), y, point_sets))
                 steps.append(result.info["steps"])
+                if delta == default_delta and i == 0:
+                    first_default = result.model
             acc = np.mean(accs, axis=0)
             gap = np.abs(acc[1:] - ref[1:]).max()
             print(f"{f'  MU-Mis delta {delta:g}':<22} {' '.join(f'{a:6.3f}' for a in acc)} {gap:9.3f} "
                   f"{np.mean(steps):6.1f}")
         ratio = interference_ratio(models[0], data, torch.from_numpy(forget), torch.from_numpy(retain))
         print(f"  interference ratio (retain / forget margin change, one small MU-Mis step): {ratio:.3f}")
-        shift = logit_shift(models[0], train, forget)
+        shift = logit_shift(models[0], first_default, train)
         others = np.delete(shift, args.forget_class)
         print(f"  mean logit change on the training set, first model, default MU-Mis: class {args.forget_class} "
               f"{shift[args.forget_class]:+.2f}, other classes {others.min():+.2f} to {others.max():+.2f} "
