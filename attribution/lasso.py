@@ -8,6 +8,8 @@ to datamodels/lasso.zarr.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,6 +93,43 @@ def _dtype(dtype) -> torch.dtype:
 # The problem in Gram form
 
 
+@dataclass
+class MaskGram:
+    """What the Gram form needs of a set of masks, computed once and shared by every target (and every work unit
+    of the datamodels stage): the uncentred products XᵀX (p, p), the column sums (p,) and the number of rows.
+
+    For 0/1 masks XᵀX holds integer counts, exact in float32 below 2**24 rows whatever the order of summation, so
+    sums over row blocks (or several sets of models) add up exactly. `xtx` may be any array that slices by rows
+    (a zarr array): it is read one block of rows at a time.
+    """
+
+    xtx: object  # (p, p) array-like, float32 counts
+    x_sum: np.ndarray  # (p,) float64
+    n: int
+
+    @classmethod
+    def from_masks(cls, X, *, rows: slice = slice(None), device=None, row_chunk: int = 8192) -> MaskGram:
+        """XᵀX[rows] (the Gram rows of the features in `rows`, against all features) and the column sums of X,
+        in row chunks of X (float32 products: exact for masks)."""
+        device = _device(device)
+        X = np.asarray(X)
+        cols = range(X.shape[1])[rows]
+        xtx = torch.zeros(len(cols), X.shape[1], dtype=torch.float32, device=device)
+        x_sum = torch.zeros(X.shape[1], dtype=torch.float64, device=device)
+        for start in range(0, X.shape[0], row_chunk):
+            chunk = torch.tensor(X[start:start + row_chunk], device=device).to(torch.float32)
+            xtx.addmm_(chunk[:, rows].T, chunk)
+            x_sum += chunk.sum(0, dtype=torch.float64)
+        return cls(xtx.cpu().numpy(), x_sum.cpu().numpy(), X.shape[0])
+
+
+def _check_gram(name: str, gram: MaskGram, X: np.ndarray) -> None:
+    p = X.shape[1]
+    if gram.n != X.shape[0] or tuple(gram.xtx.shape) != (p, p) or np.shape(gram.x_sum) != (p,):
+        raise ValueError(f"{name} was computed on {gram.n} rows x {np.shape(gram.x_sum)} features, but X has shape "
+                         f"{X.shape}: pass the MaskGram of these very masks")
+
+
 class _Gram:
     """The masks' centred Gram matrix G = XcᵀXc/M, shared by every target.
 
@@ -99,15 +138,26 @@ class _Gram:
     product, a solver step costs products with G only, whatever the number of models M.
     """
 
-    def __init__(self, X: np.ndarray, device: torch.device, dtype: torch.dtype, row_chunk: int = 8192):
+    def __init__(self, X: np.ndarray, device: torch.device, dtype: torch.dtype, row_chunk: int = 8192,
+                 sums: Sequence[MaskGram] = ()):
         self.X, self.row_chunk = X, row_chunk
         self.n, self.p = X.shape
         self.device, self.dtype = device, dtype
-        self.x_mean = self._column_sums(X) / self.n  # float64: the intercept is computed from it
-        G = torch.zeros(self.p, self.p, dtype=dtype, device=device)
-        for Xc in self._centred_rows():  # row chunks: the centred masks never exist in full
-            G.addmm_(Xc.T, Xc)
-        G /= self.n
+        if sums:  # precomputed XᵀX of X's row sets (e.g. fit + validation models): centre them block by block
+            self.x_mean = torch.as_tensor(sum(np.asarray(s.x_sum, np.float64) for s in sums), device=device) / self.n
+            G = torch.empty(self.p, self.p, dtype=dtype, device=device)
+            rows = max(1, (1 << 24) // self.p)  # rows of XᵀX per step: 128 MB of float64 temporaries
+            for start in range(0, self.p, rows):
+                b = slice(start, min(start + rows, self.p))
+                block = sum(torch.as_tensor(np.asarray(s.xtx[b], np.float64), device=device) for s in sums)
+                # (XᵀX − n x̄x̄ᵀ)/n in float64: exact counts in, one rounding out
+                G[b] = (block / self.n - self.x_mean[b, None] * self.x_mean[None, :]).to(dtype)
+        else:
+            self.x_mean = self._column_sums(X) / self.n  # float64: the intercept is computed from it
+            G = torch.zeros(self.p, self.p, dtype=dtype, device=device)
+            for Xc in self._centred_rows():  # row chunks: the centred masks never exist in full
+                G.addmm_(Xc.T, Xc)
+            G /= self.n
         self.G = G
         self.zero_columns = torch.diagonal(G) <= 0  # training points in every mask or in none: weight 0
         # Blocks of coordinates with their Gram block and step 1/L, L = the block Gram's largest eigenvalue
@@ -365,8 +415,13 @@ class LassoDatamodels:
         # 'float64' or 'float32' (faster, gap tolerance down to about 1e-6)
         self.dtype = dtype
 
-    def fit(self, X, Y, X_val, Y_val) -> LassoDatamodels:
-        """X (M, p) masks and Y (M, t) outputs to fit; X_val (M_val, p), Y_val (M_val, t) to choose λ."""
+    def fit(self, X, Y, X_val, Y_val, *, gram: MaskGram | None = None,
+            gram_val: MaskGram | None = None) -> LassoDatamodels:
+        """X (M, p) masks and Y (M, t) outputs to fit; X_val (M_val, p), Y_val (M_val, t) to choose λ.
+
+        gram, gram_val: the `MaskGram` of X and of X_val when the caller has them (the datamodels stage computes
+        them once for all its work units); otherwise they are computed here.
+        """
         if int(self.n_lambdas) != self.n_lambdas or self.n_lambdas < 1:
             raise ValueError(f"n_lambdas must be a positive integer, got {self.n_lambdas}")
         if not 0 < self.lambda_ratio <= 1:
@@ -382,8 +437,14 @@ class LassoDatamodels:
         Y_val = _as_matrix("Y_val (outputs)", Y_val, rows=X_val.shape[0], cols=Y.shape[1])
         device, dtype = _device(self.device), _dtype(self.dtype)
         max_iter = int(self.max_iter)
+        if (gram is None) != (gram_val is None):
+            raise ValueError("pass both gram and gram_val (the MaskGrams of X and X_val), or neither")
+        if gram is not None:
+            _check_gram("gram", gram, X)
+            _check_gram("gram_val", gram_val, X_val)
+        shared = (gram, gram_val) if gram is not None else None
 
-        gram = _Gram(X, device, dtype)
+        gram = _Gram(X, device, dtype, sums=shared[:1] if shared else ())
         c, y_mean, yy = gram.targets(Y)
         lam_max = c.abs().amax(0).to(torch.float64)
         lam_max = torch.where(lam_max > 0, lam_max, 1.0)  # constant target: weights are 0 at any λ
@@ -421,8 +482,8 @@ class LassoDatamodels:
         cols = torch.arange(t, device=device)
         lam = path[index, cols]
 
-        gram_all = _Gram(np.concatenate([X, X_val]), device, dtype)
-        del gram  # free the first Gram matrix before solving on the second
+        del gram  # free the first Gram matrix before building the second
+        gram_all = _Gram(np.concatenate([X, X_val]), device, dtype, sums=shared or ())
         c_all, y_mean_all, yy_all = gram_all.targets(np.concatenate([Y, Y_val]))
         W, _, _, _ = _solve(gram_all, c_all, yy_all, lam, best_W, self.tol, max_iter)
 

@@ -1,8 +1,12 @@
 """The subset-training stage driver: subsets.zarr holds one row per subset model (mask, logits, done flag).
 
 Model-agnostic: the caller supplies the function that trains a block of models (pipelines does, with its engine).
-Work units are fixed blocks of model indices, one Zarr chunk each; units return arrays, and this driver writes the
+Work units are fixed blocks of model indices, one Zarr shard each; units return arrays, and this driver writes the
 rows and then their `done` flags, so an interrupted run resumes by training only the blocks not done.
+
+Layout for reading by targets (issue 9): `logits` (M, T, C) is written one shard per block of models (all targets)
+and read in inner chunks of TARGET_CHUNK targets, so a datamodel work unit that fits targets t0..t1 reads only those
+targets' bytes of every shard, never the whole (M, T, C) array.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ import zarr
 from tqdm import tqdm
 
 from attribution.masks import sample_masks
-from attribution.store import ArraySpec, done_rows, open_or_create
+from attribution.store import ArraySpec, done_rows, exists, open_or_create
 
 KIND = "subsets"
+# Targets per inner chunk of `logits`: the unit of reading for the datamodels stage (whose target chunks should be
+# multiples of it). 128 targets x 10 classes x a block of 32 models is 160 KB in float32.
+TARGET_CHUNK = 128
+# Stored precisions of the logits: what the datamodels read (they compute in float32 whatever is stored).
+LOGIT_DTYPES = ("float32", "float16")
 
 
 class Executor(Protocol):
@@ -26,17 +35,20 @@ class Executor(Protocol):
 
 def create_store(path: str | Path, *, n_models: int, n_train: int, n_targets: int, n_classes: int, alpha: float,
                  seed: int, block_size: int, keep_params: int, n_params: int, config: dict,
-                 attrs: dict) -> zarr.Group:
+                 attrs: dict, logits_dtype: str = "float32") -> zarr.Group:
     """Open or create subsets.zarr; a new store gets its masks written at once (they are a function of the seed)."""
+    if logits_dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits_dtype must be one of {LOGIT_DTYPES}, got {logits_dtype!r}")
+    inner = min(TARGET_CHUNK, n_targets)
     arrays = {
         "masks": ArraySpec((n_models, n_train), "bool", (block_size, n_train), False),
-        "logits": ArraySpec((n_models, n_targets, n_classes), "float32", (block_size, n_targets, n_classes),
-                            float("nan")),
+        "logits": ArraySpec((n_models, n_targets, n_classes), logits_dtype, (block_size, inner, n_classes),
+                            float("nan"), shards=(block_size, -(-n_targets // inner) * inner, n_classes)),
         "done": ArraySpec((n_models,), "bool", (block_size,), False),
     }
     if keep_params:
         arrays["params"] = ArraySpec((keep_params, n_params), "float32", (block_size, n_params), float("nan"))
-    is_new = not (Path(path) / "zarr.json").exists()
+    is_new = not exists(path)
     group = open_or_create(path, arrays, kind=KIND, config=config,
                            attrs={**attrs, "alpha": alpha, "seed": seed, "block_size": block_size})
     if is_new:
@@ -56,7 +68,7 @@ def write_block(group: zarr.Group, start: int, logits: np.ndarray, params: np.nd
     stop = start + len(logits)
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"models {start}..{stop - 1} produced non-finite logits: lower the learning rate")
-    group["logits"][start:stop] = logits
+    group["logits"][start:stop] = logits.astype(group["logits"].dtype)
     if "params" in group and start < group["params"].shape[0]:
         keep = group["params"].shape[0]
         group["params"][start:min(stop, keep)] = params[: min(stop, keep) - start]

@@ -66,6 +66,8 @@ class SubsetsConfig:
     block_size: int = 32
     # keep the parameters of the first k models (the checkpoints TRAK needs); 0 keeps none
     keep_params: int = 0
+    # stored precision of the logits: float32 | float16 (half the bytes; README "Store sizes" measures its effect)
+    logits_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class DatamodelsConfig:
     # regularisation path: n_lambdas values from lambda_max down to lambda_max * lambda_ratio
     n_lambdas: int = 12
     lambda_ratio: float = 1e-3
-    # targets per work unit of the LASSO fit
+    # targets per work unit (best a multiple of 128, the subsets store's chunk along targets); a LASSO unit holds
+    # about 64 * N * target_chunk * (C + 1) bytes of solver state besides the 4 * N^2 Gram (docs/design.md)
     target_chunk: int = 512
+    # stored precision of the datamodel weights: float32 | float16 (fits run in float32 either way)
+    weights_dtype: str = "float32"
     # LDS curve: fit on these numbers of subset models (0 or empty: skip the curve)
     lds_curve: tuple[int, ...] = ()
     # TRAK: number of checkpoints (the first subset models), projection dimension, ridge term
@@ -250,5 +255,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("subsets.n_models and subsets.block_size must be positive")
     if s.keep_params < 0 or s.keep_params > s.n_models:
         raise ConfigError(f"subsets.keep_params must be in [0, n_models={s.n_models}], got {s.keep_params}")
+    for key, value in (("subsets.logits_dtype", s.logits_dtype), ("datamodels.weights_dtype",
+                                                                   cfg.datamodels.weights_dtype)):
+        if value not in ("float32", "float16"):
+            raise ConfigError(f"{key} must be float32 or float16, got {value!r}")
+    if cfg.datamodels.target_chunk < 1:
+        raise ConfigError(f"datamodels.target_chunk must be positive, got {cfg.datamodels.target_chunk}")
     if cfg.executor.kind not in ("ray", "serial"):
         raise ConfigError(f"executor.kind must be 'ray' or 'serial', got {cfg.executor.kind!r}")

@@ -2,12 +2,18 @@
 
 The subset models are split by index: the first M - n_val - n_lds fit the datamodels, the next n_val choose λ per
 target, the last n_lds (never used for fitting) measure LDS. Targets are every class logit of every target (T x C
-regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin. LASSO fits run in
-chunks of targets over the executor, each chunk one work unit that owns whole Zarr chunks (resumable per chunk).
+regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin.
 
-Store (both methods): `weights` (N, T, C) chunked along N (a forget request reads only its rows), `bias` (T, C),
-`lambda` (T, C), `val_mse` (T, C), `lds` (T, C), the same for margins (`margin_weights` (N, T), ...), `done`
-per target chunk; attrs: model counts, solver settings, mean LDS and the LDS-vs-models curve.
+LASSO in bounded memory (issue 9): first the masks' Gram sums XᵀX of the fit and validation models, once per
+stage, in work units of GRAM_ROWS rows each written into the store (exact counts, so any split of the work gives
+the same bits); then one work unit per chunk of targets, which reads the masks, its own targets' logits (the
+subsets store is chunked along targets) and the shared Gram sums, fits, and writes its own target chunk of every
+array; the driver marks chunks done (resumable per chunk). Peak memory per stage: docs/design.md.
+
+Store (both methods, `datamodel_io.store_arrays`): `weights` (N, T, C) chunked along N (a forget request reads
+only its rows), `bias` (T, C), `lambda` (T, C), `val_mse` (T, C), `lds` (T, C), the same for margins
+(`margin_weights` (N, T), ...), `done` per target chunk; LASSO adds `xtx_fit`, `xtx_val` (N, N) float32,
+`x_sum_fit`, `x_sum_val` (N,), `gram_done`; attrs: model counts, solver settings, mean LDS, the LDS-vs-models curve.
 """
 
 from __future__ import annotations
@@ -15,160 +21,129 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import zarr
 
-from attribution.lasso import LassoDatamodels
+from attribution.lasso import LassoDatamodels, MaskGram
 from attribution.lds import lds
-from attribution.store import ArraySpec, StoreError, normalise_config, open_or_create, open_store
-from pipelines.config import ConfigError, RunConfig, to_dict
+from attribution.store import ArraySpec, location, open_group, open_or_create
+from pipelines.config import ConfigError
 from pipelines.stages import RunContext, drive
-from pipelines.stages.subsets import subsets_config
-from unlearning.klom import margins
+from pipelines.stages.datamodel_io import (
+    KIND, SubsetSource, datamodels_config, lds_summary, open_subsets, store_arrays, target_units, write_targets,
+)
 
 log = logging.getLogger("dmu")
 
-KIND = "datamodels"
-ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
+GRAM_ROWS = 4096  # rows of XᵀX per work unit and per Zarr chunk: 4 * GRAM_ROWS * N bytes per array chunk
+CURVE_TARGETS = 100  # test-target margins the LDS-vs-models curve averages over
 
 
-def split(n_models: int, n_val: int, n_lds: int) -> tuple[slice, slice, slice]:
-    """Fit / validation / LDS slices of the subset models (by index, so they are disjoint)."""
-    n_fit = n_models - n_val - n_lds
-    if n_val < 1 or n_lds < 1:
-        raise ConfigError(f"datamodels.n_val and datamodels.n_lds must be >= 1 (held-out models to choose λ and "
-                          f"measure LDS), got {n_val} and {n_lds}")
-    if n_fit < 2:
-        raise ConfigError(f"subsets.n_models = {n_models} leaves {n_fit} models to fit after n_val = {n_val} and "
-                          f"n_lds = {n_lds}: train more subset models or hold out fewer")
-    return slice(0, n_fit), slice(n_fit, n_fit + n_val), slice(n_fit + n_val, n_models)
+def gram_arrays(n_train: int) -> dict[str, ArraySpec]:
+    rows = min(GRAM_ROWS, n_train)
+    n_blocks = -(-n_train // rows)
+    return {**{f"xtx_{s}": ArraySpec((n_train, n_train), "float32", (rows, n_train), 0.0) for s in ("fit", "val")},
+            **{f"x_sum_{s}": ArraySpec((n_train,), "float64", (n_train,), 0.0) for s in ("fit", "val")},
+            "gram_done": ArraySpec((n_blocks,), "bool", (1,), False)}
 
 
-def read_subsets(ctx: RunContext) -> tuple[np.ndarray, np.ndarray, zarr.Group]:
-    """Masks (M, N) and logits (M, T, C) of a complete subsets.zarr, checked against this run's task."""
-    group = open_store(ctx.run_dir / "subsets.zarr", "subsets")
-    if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
-        raise StoreError(f"{ctx.run_dir / 'subsets.zarr'} holds models of another dataset "
-                         f"({group.attrs.get('dataset')}, fingerprint {group.attrs.get('dataset_fingerprint')}): "
-                         "use this config's own run directory")
-    if group.attrs.get("config") != normalise_config(subsets_config(ctx.cfg)):
-        raise StoreError(f"{ctx.run_dir / 'subsets.zarr'} was made with another subsets/task config: rerun the "
-                         "subsets stage with this config first")
-    done = np.asarray(group["done"][:])
-    if not done.all():
-        raise StoreError(f"subsets.zarr has {int(done.sum())}/{done.size} models done: finish the subsets stage "
-                         "first (dmu run CONFIG --stages subsets resumes it)")
-    masks, logits = np.asarray(group["masks"][:]), np.asarray(group["logits"][:])
-    if masks.shape[0] != logits.shape[0]:
-        raise StoreError(f"subsets.zarr has {masks.shape[0]} masks but {logits.shape[0]} rows of logits: the store "
-                         "is damaged; recompute it in a new run directory")
-    if not np.isfinite(logits).all():
-        bad = np.flatnonzero(~np.isfinite(logits).reshape(len(logits), -1).all(1))
-        raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5].tolist()}: retrain them (delete "
-                         "the store) or lower the learning rate")
-    return masks, logits, group
+def gram_rows(unit: tuple[int, int], *, source: SubsetSource, store: str) -> None:
+    """Work unit: rows i0..i1-1 of XᵀX for the fit and the validation models, written into the store."""
+    i0, i1 = unit
+    group = open_group(store, mode="r+")
+    for name, rows in zip(("fit", "val"), source.splits[:2]):
+        gram = MaskGram.from_masks(source.masks(rows), rows=slice(i0, i1))
+        group[f"xtx_{name}"][i0:i1] = gram.xtx
+        if i0 == 0:
+            group[f"x_sum_{name}"][:] = gram.x_sum
 
 
-def fit_lasso_chunk(unit: tuple[int, int], *, masks: np.ndarray, logits: np.ndarray, margin: np.ndarray,
-                    splits: tuple[slice, slice, slice], n_lambdas: int, lambda_ratio: float) -> dict:
-    """Work unit: LASSO datamodels of targets t0..t1-1 (every class logit, and the margin) with LDS."""
+def stored_grams(group, splits: tuple[slice, slice, slice]) -> tuple[MaskGram, MaskGram]:
+    """The fit and validation MaskGrams of a store; XᵀX stays in the store and is read by blocks of rows."""
+    return tuple(MaskGram(group[f"xtx_{name}"], np.asarray(group[f"x_sum_{name}"][:]), rows.stop - rows.start)
+                 for name, rows in zip(("fit", "val"), splits[:2]))
+
+
+def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, n_lambdas: int,
+                    lambda_ratio: float) -> None:
+    """Work unit: LASSO datamodels of targets t0..t1-1 (every class logit, and the margin) with LDS, written into
+    the store's target chunk t0..t1-1."""
     t0, t1 = unit
-    fit, val, held = splits
-    c = logits.shape[2]
-    y = np.concatenate([logits[:, t0:t1, :].reshape(len(logits), -1), margin[:, t0:t1]], axis=1)
+    fit, val, held = source.splits
+    group = open_group(store, mode="r+")
+    gram, gram_val = stored_grams(group, source.splits)
+    masks = source.masks()
+    logits, margin = source.outputs(slice(None), slice(t0, t1))
+    y = np.concatenate([logits.reshape(len(logits), -1), margin], axis=1)
+    del logits, margin
     est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
-    est.fit(masks[fit], y[fit], masks[val], y[val])
+    est.fit(masks[fit], y[fit], masks[val], y[val], gram=gram, gram_val=gram_val)
     scores = lds(est.coef_, est.intercept_, masks[held], y[held])
-    k = t1 - t0
+    k, c = t1 - t0, source.n_classes
     split_at = k * c
 
     def logit_part(a: np.ndarray) -> np.ndarray:
         return a[..., :split_at].reshape(*a.shape[:-1], k, c)
 
-    return {"weights": logit_part(est.coef_), "bias": logit_part(est.intercept_),
-            "lambda": logit_part(est.lambda_), "val_mse": logit_part(est.val_mse_), "lds": logit_part(scores),
-            "margin_weights": est.coef_[:, split_at:], "margin_bias": est.intercept_[split_at:],
-            "margin_lambda": est.lambda_[split_at:], "margin_val_mse": est.val_mse_[split_at:],
-            "margin_lds": scores[split_at:]}
+    write_targets(group, t0, t1, {
+        "weights": logit_part(est.coef_), "bias": logit_part(est.intercept_), "lambda": logit_part(est.lambda_),
+        "val_mse": logit_part(est.val_mse_), "lds": logit_part(scores),
+        "margin_weights": est.coef_[:, split_at:], "margin_bias": est.intercept_[split_at:],
+        "margin_lambda": est.lambda_[split_at:], "margin_val_mse": est.val_mse_[split_at:],
+        "margin_lds": scores[split_at:]})
 
 
-def store_arrays(n_train: int, n_targets: int, n_classes: int, target_chunk: int) -> dict[str, ArraySpec]:
-    rows = min(ROW_CHUNK, n_train)
-    nan = float("nan")
-    per_target = {name: ArraySpec((n_targets, n_classes), "float32", (target_chunk, n_classes), nan)
-                  for name in ("bias", "lambda", "val_mse", "lds")}
-    per_margin = {f"margin_{name}": ArraySpec((n_targets,), "float32", (target_chunk,), nan)
-                  for name in ("bias", "lambda", "val_mse", "lds")}
-    n_units = -(-n_targets // target_chunk)
-    return {"weights": ArraySpec((n_train, n_targets, n_classes), "float32", (rows, target_chunk, n_classes), nan),
-            "margin_weights": ArraySpec((n_train, n_targets), "float32", (rows, target_chunk), nan),
-            **per_target, **per_margin, "done": ArraySpec((n_units,), "bool", (1,), False)}
+def curve_point(unit: tuple[int, int], *, source: SubsetSource, sizes: tuple[int, ...], n_lambdas: int,
+                lambda_ratio: float) -> list[float]:
+    """Work unit: LDS (mean over up to CURVE_TARGETS test-target margins) of LASSO fit on the first sizes[i]
+    models (its own Gram: the first n models are not the whole fit set)."""
+    n = sizes[unit[0]]
+    _, val, held = source.splits
+    targets = slice(source.n_train, min(source.n_targets, source.n_train + CURVE_TARGETS))
+    masks = source.masks()
+    _, margin = source.outputs(slice(None), targets)
+    est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
+    est.fit(masks[:n], margin[:n], masks[val], margin[val])
+    return [int(n), float(np.nanmean(lds(est.coef_, est.intercept_, masks[held], margin[held])))]
 
 
-def write_chunk(group: zarr.Group, t0: int, t1: int, result: dict) -> None:
-    group["weights"][:, t0:t1, :] = result["weights"]
-    group["margin_weights"][:, t0:t1] = result["margin_weights"]
-    for name in ("bias", "lambda", "val_mse", "lds"):
-        group[name][t0:t1] = result[name]
-        group[f"margin_{name}"][t0:t1] = result[f"margin_{name}"]
-    group["done"][t0 // group.attrs["target_chunk"]] = True
+def lasso_curve(ctx: RunContext, source: SubsetSource) -> list[list[float]]:
+    d = ctx.cfg.datamodels
+    n_fit = source.splits[0].stop
+    sizes = tuple(n for n in d.lds_curve if n <= n_fit)
+    for n in sorted(set(d.lds_curve) - set(sizes)):
+        log.warning("lds_curve: %d models requested but only %d fit the datamodels; skipped", n, n_fit)
+    points: dict[int, list[float]] = {}
+    drive(ctx, curve_point, [(i, i + 1) for i in range(len(sizes))],
+          {"source": source, "sizes": sizes, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio},
+          lambda unit, point: points.__setitem__(unit[0], point), total=len(sizes), desc="LDS curve", unit="fit")
+    return [points[i] for i in range(len(sizes))]
 
 
-def lds_summary(group: zarr.Group, n_train: int) -> dict:
-    """Mean LDS over targets (NaN for constant targets skipped), overall and on test targets."""
-    def mean(a: np.ndarray) -> float:
-        return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
-
-    logit_lds, margin_lds = np.asarray(group["lds"][:]), np.asarray(group["margin_lds"][:])
-    return {"lds_mean": mean(logit_lds), "lds_margin_mean": mean(margin_lds),
-            "lds_margin_test_mean": mean(margin_lds[n_train:])}
-
-
-def datamodels_config(cfg: RunConfig, method: str) -> dict:
-    d = cfg.datamodels
-    keys = {"lasso": ("n_val", "n_lds", "n_lambdas", "lambda_ratio", "target_chunk"),
-            "trak": ("n_val", "n_lds", "trak_checkpoints", "trak_proj_dim", "trak_lambda_reg", "target_chunk")}
-    return {"subsets": subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]}}
-
-
-def lasso_curve(masks: np.ndarray, margin: np.ndarray, splits, sizes: tuple[int, ...], n_train: int,
-                n_lambdas: int, lambda_ratio: float, max_targets: int = 100) -> list[list[float]]:
-    """LDS (mean over up to `max_targets` test-target margins) of LASSO fit on the first n models, for each n."""
-    fit, val, held = splits
-    targets = np.arange(n_train, margin.shape[1])[:max_targets]
-    curve = []
-    for n in sizes:
-        if n > fit.stop:
-            log.warning("lds_curve: %d models requested but only %d fit the datamodels; skipped", n, fit.stop)
-            continue
-        est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
-        est.fit(masks[:n], margin[:n][:, targets], masks[val], margin[val][:, targets])
-        curve.append([int(n), float(np.nanmean(lds(est.coef_, est.intercept_, masks[held], margin[held][:, targets])))])
-    return curve
-
-
-def run_lasso(ctx: RunContext, masks: np.ndarray, logits: np.ndarray, margin: np.ndarray, splits) -> None:
+def run_lasso(ctx: RunContext, source: SubsetSource) -> None:
     cfg, data = ctx.cfg, ctx.data
     d = cfg.datamodels
     chunk = min(d.target_chunk, data.n_targets)
     path = ctx.run_dir / "datamodels" / "lasso.zarr"
-    group = open_or_create(path, store_arrays(data.n_train, data.n_targets, data.num_classes, chunk), kind=KIND,
-                           config=datamodels_config(cfg, "lasso"),
+    arrays = {**store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype),
+              **gram_arrays(data.n_train)}
+    group = open_or_create(path, arrays, kind=KIND, config=datamodels_config(cfg, "lasso"),
                            attrs={**ctx.dataset_attrs(), "method": "lasso", "target_chunk": chunk,
-                                  "n_fit": splits[0].stop, "n_val": d.n_val, "n_lds": d.n_lds,
+                                  "n_fit": source.splits[0].stop, "n_val": d.n_val, "n_lds": d.n_lds,
                                   "solver": {"n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
                                              "dtype": "float32", "refit_on": "fit + validation models"}})
-    done = np.asarray(group["done"][:])
-    units = [(t0, min(t0 + chunk, data.n_targets)) for i, t0 in enumerate(range(0, data.n_targets, chunk))
-             if not done[i]]
-    shared = {"masks": masks, "logits": logits, "margin": margin, "splits": splits, "n_lambdas": d.n_lambdas,
-              "lambda_ratio": d.lambda_ratio}
-    drive(ctx, fit_lasso_chunk, units, shared, lambda u, result: write_chunk(group, *u, result),
-          total=data.n_targets, desc="LASSO datamodels", unit="target")
+    store = location(path)
+    rows = group["xtx_fit"].chunks[0]
+    gram_done = np.asarray(group["gram_done"][:])
+    drive(ctx, gram_rows, target_units(data.n_train, rows, gram_done), {"source": source, "store": store},
+          lambda unit, _: group["gram_done"].__setitem__(unit[0] // rows, True), total=data.n_train,
+          desc="Gram of the masks", unit="row")
+    shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio}
+    drive(ctx, fit_lasso_chunk, target_units(data.n_targets, chunk, np.asarray(group["done"][:])), shared,
+          lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=data.n_targets,
+          desc="LASSO datamodels", unit="target")
     if "lds_mean" not in group.attrs or (d.lds_curve and "lds_curve" not in group.attrs):
         summary = lds_summary(group, data.n_train)
         if d.lds_curve:
-            summary["lds_curve"] = lasso_curve(masks, margin, splits, d.lds_curve, data.n_train, d.n_lambdas,
-                                               d.lambda_ratio)
+            summary["lds_curve"] = lasso_curve(ctx, source)
         group.attrs.update(summary)
     log.info("LASSO datamodels: mean LDS %.3f (logits), %.3f (margins)", group.attrs["lds_mean"],
              group.attrs["lds_margin_mean"])
@@ -179,12 +154,10 @@ def run(ctx: RunContext) -> None:
     unknown = [m for m in d.methods if m not in ("lasso", "trak")]
     if unknown:
         raise ConfigError(f"unknown datamodels.methods {unknown}: use lasso and/or trak")
-    masks, logits, _ = read_subsets(ctx)
-    splits = split(len(masks), d.n_val, d.n_lds)
-    margin = margins(logits, ctx.data.y_targets.numpy()).astype(np.float32)
+    source = open_subsets(ctx)
     if "lasso" in d.methods:
-        run_lasso(ctx, masks, logits, margin, splits)
+        run_lasso(ctx, source)
     if "trak" in d.methods:
         from pipelines.stages.trak import run_trak
 
-        run_trak(ctx, masks, logits, margin, splits)
+        run_trak(ctx, source)

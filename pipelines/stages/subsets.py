@@ -27,7 +27,7 @@ def subsets_config(cfg: RunConfig) -> dict:
     s = cfg.subsets
     return {"seed": cfg.seed, "task": to_dict(cfg.task),
             "subsets": {"n_models": s.n_models, "alpha": s.alpha, "block_size": s.block_size,
-                        "keep_params": s.keep_params}}
+                        "keep_params": s.keep_params, "logits_dtype": s.logits_dtype}}
 
 
 def train_subset_block(unit: tuple[int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int, alpha: float,
@@ -49,7 +49,8 @@ def run(ctx: RunContext) -> None:
     group = subsets_store.create_store(
         ctx.run_dir / "subsets.zarr", n_models=s.n_models, n_train=data.n_train, n_targets=data.n_targets,
         n_classes=data.num_classes, alpha=s.alpha, seed=cfg.seed, block_size=s.block_size,
-        keep_params=s.keep_params, n_params=n_params, config=subsets_config(cfg), attrs=ctx.dataset_attrs())
+        keep_params=s.keep_params, n_params=n_params, config=subsets_config(cfg), attrs=ctx.dataset_attrs(),
+        logits_dtype=s.logits_dtype)
     if not subsets_store.pending_blocks(group):
         log.info("subsets: all %d models done", s.n_models)
         return

@@ -18,7 +18,7 @@ from attribution.store import open_or_create, open_store
 from attribution.trak import calibrate, trak_scores
 from pipelines.config import ConfigError, TaskConfig
 from pipelines.stages import RunContext
-from pipelines.stages.datamodels import KIND, datamodels_config, lds_summary, store_arrays
+from pipelines.stages.datamodel_io import KIND, SubsetSource, datamodels_config, lds_summary, store_arrays
 from pipelines.tasks import TaskData, get_task
 from pipelines.training import default_device, load_state_vector
 
@@ -47,10 +47,10 @@ def trak_unit(unit: tuple[int, ...], *, task_cfg: TaskConfig, data: TaskData, pa
     return logit_scores, margin_scores
 
 
-def run_trak(ctx: RunContext, masks: np.ndarray, logits: np.ndarray, margin: np.ndarray, splits) -> None:
+def run_trak(ctx: RunContext, source: SubsetSource) -> None:
     cfg, data = ctx.cfg, ctx.data
     d = cfg.datamodels
-    _, val, held = splits
+    _, val, held = source.splits
     k = d.trak_checkpoints
     if cfg.subsets.keep_params < k:
         raise ConfigError(f"TRAK needs the parameters of {k} subset models (datamodels.trak_checkpoints) but "
@@ -61,7 +61,8 @@ def run_trak(ctx: RunContext, masks: np.ndarray, logits: np.ndarray, margin: np.
                           "training examples (reference.md §8: LDS collapses otherwise)")
     chunk = min(d.target_chunk, data.n_targets)
     group = open_or_create(ctx.run_dir / "datamodels" / "trak.zarr",
-                           store_arrays(data.n_train, data.n_targets, data.num_classes, chunk), kind=KIND,
+                           store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype),
+                           kind=KIND,
                            config=datamodels_config(cfg, "trak"),
                            attrs={**ctx.dataset_attrs(), "method": "trak", "target_chunk": chunk,
                                   "n_checkpoints": k, "n_calibration": d.n_val, "n_lds": d.n_lds,
@@ -69,6 +70,12 @@ def run_trak(ctx: RunContext, masks: np.ndarray, logits: np.ndarray, margin: np.
                                                  "validation subset models (attribution.trak.calibrate)"})
     if group["done"][:].all():
         return
+    masks = source.masks()
+    everything = slice(0, data.n_targets)
+    logits, margin = np.full((len(masks), data.n_targets, data.num_classes), np.nan, np.float32), \
+        np.full((len(masks), data.n_targets), np.nan, np.float32)
+    for rows in (val, held):
+        logits[rows], margin[rows] = source.outputs(rows, everything)
     params = np.asarray(open_store(ctx.run_dir / "subsets.zarr", "subsets")["params"][:k])
     shared = {"task_cfg": cfg.task, "data": data, "proj_dim": d.trak_proj_dim, "lambda_reg": d.trak_lambda_reg}
     log.info("TRAK: %d checkpoints, proj_dim %d", k, d.trak_proj_dim)

@@ -1,0 +1,159 @@
+"""What both datamodel estimators (LASSO in `datamodels.py`, TRAK in `trak.py`) read and write.
+
+They read the subset models of subsets.zarr through `SubsetSource`, which checks the store once in the driver and
+then hands work units only the slices they ask for (masks by model rows; logits and margins by model rows and
+targets), so no process holds the (M, T, C) logits. They write one store schema, datamodels/<method>.zarr
+(`store_arrays`), whose target chunks are owned by one work unit each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from attribution.store import ArraySpec, StoreError, as_path, normalise_config, open_group, open_store
+from pipelines.config import ConfigError, RunConfig, to_dict
+from pipelines.stages import RunContext
+from pipelines.stages.subsets import subsets_config
+from unlearning.klom import margins
+
+KIND = "datamodels"
+ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
+
+
+def split(n_models: int, n_val: int, n_lds: int) -> tuple[slice, slice, slice]:
+    """Fit / validation / LDS slices of the subset models (by index, so they are disjoint)."""
+    n_fit = n_models - n_val - n_lds
+    if n_val < 1 or n_lds < 1:
+        raise ConfigError(f"datamodels.n_val and datamodels.n_lds must be >= 1 (held-out models to choose λ and "
+                          f"measure LDS), got {n_val} and {n_lds}")
+    if n_fit < 2:
+        raise ConfigError(f"subsets.n_models = {n_models} leaves {n_fit} models to fit after n_val = {n_val} and "
+                          f"n_lds = {n_lds}: train more subset models or hold out fewer")
+    return slice(0, n_fit), slice(n_fit, n_fit + n_val), slice(n_fit + n_val, n_models)
+
+
+@dataclass
+class SubsetSource:
+    """Read access to a complete subsets.zarr by slices; small and picklable, so work units receive it and read
+    their own slices from the store (a shared filesystem or an object store that every node reaches).
+
+    Target indices follow the run's one convention: 0..N-1 the training examples, then the test examples.
+    """
+
+    path: str
+    n_models: int
+    n_train: int
+    n_targets: int
+    n_classes: int
+    labels: np.ndarray  # (T,) the targets' labels, for margins
+    splits: tuple[slice, slice, slice]  # fit, validation, LDS models
+    _group: zarr.Group | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_group": None}  # an open zarr group stays with its process
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = open_group(self.path, mode="r")
+        return self._group
+
+    def masks(self, rows: slice = slice(None)) -> np.ndarray:
+        """(m, N) bool training-set indicators of the models in `rows`."""
+        return np.asarray(self.group["masks"][rows], dtype=bool)
+
+    def logits(self, rows: slice, targets: slice) -> np.ndarray:
+        """(m, t, C) float32 logits of the models in `rows` on `targets` (only those targets' chunks are read)."""
+        return np.asarray(self.group["logits"][rows, targets], dtype=np.float32)
+
+    def outputs(self, rows: slice, targets: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (m, t, C) and margins (m, t) float32 of the models in `rows` on `targets`."""
+        logits = self.logits(rows, targets)
+        return logits, margins(logits, self.labels[targets]).astype(np.float32)
+
+
+def open_subsets(ctx: RunContext) -> SubsetSource:
+    """subsets.zarr of this run, checked against its task and config, complete and finite (read in blocks of
+    models, so the check holds one block's logits at a time)."""
+    path = ctx.run_dir / "subsets.zarr"
+    group = open_store(path, "subsets")
+    if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
+        raise StoreError(f"{path} holds models of another dataset ({group.attrs.get('dataset')}, fingerprint "
+                         f"{group.attrs.get('dataset_fingerprint')}): use this config's own run directory")
+    if group.attrs.get("config") != normalise_config(subsets_config(ctx.cfg)):
+        raise StoreError(f"{path} was made with another subsets/task config: rerun the subsets stage with this "
+                         "config first")
+    done = np.asarray(group["done"][:])
+    if not done.all():
+        raise StoreError(f"subsets.zarr has {int(done.sum())}/{done.size} models done: finish the subsets stage "
+                         "first (dmu run CONFIG --stages subsets resumes it)")
+    masks, logits = group["masks"], group["logits"]
+    if masks.shape[0] != logits.shape[0]:
+        raise StoreError(f"subsets.zarr has {masks.shape[0]} masks but {logits.shape[0]} rows of logits: the store "
+                         "is damaged; recompute it in a new run directory")
+    block = logits.shards[0] if logits.shards else logits.chunks[0]
+    bad: list[int] = []
+    for start in range(0, logits.shape[0], block):
+        rows = np.asarray(logits[start:start + block])
+        bad += (start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist()
+    if bad:
+        raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
+                         "store) or lower the learning rate")
+    d = ctx.cfg.datamodels
+    return SubsetSource(path=str(as_path(path)), n_models=logits.shape[0], n_train=masks.shape[1],
+                        n_targets=logits.shape[1], n_classes=logits.shape[2], labels=ctx.data.y_targets.numpy(),
+                        splits=split(logits.shape[0], d.n_val, d.n_lds))
+
+
+def datamodels_config(cfg: RunConfig, method: str) -> dict:
+    d = cfg.datamodels
+    keys = {"lasso": ("n_val", "n_lds", "n_lambdas", "lambda_ratio", "target_chunk", "weights_dtype"),
+            "trak": ("n_val", "n_lds", "trak_checkpoints", "trak_proj_dim", "trak_lambda_reg", "target_chunk",
+                     "weights_dtype")}
+    return {"subsets": subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]}}
+
+
+def store_arrays(n_train: int, n_targets: int, n_classes: int, target_chunk: int,
+                 weights_dtype: str = "float32") -> dict[str, ArraySpec]:
+    """The datamodel store: `weights` (N, T, C) and `margin_weights` (N, T) chunked (256 rows, target_chunk), so
+    a forget request reads only its rows and each target-chunk work unit writes only its own chunks; per-target
+    `bias`, `lambda`, `val_mse`, `lds` (and `margin_` ones); `done` per target chunk."""
+    rows = min(ROW_CHUNK, n_train)
+    nan = float("nan")
+    per_target = {name: ArraySpec((n_targets, n_classes), "float32", (target_chunk, n_classes), nan)
+                  for name in ("bias", "lambda", "val_mse", "lds")}
+    per_margin = {f"margin_{name}": ArraySpec((n_targets,), "float32", (target_chunk,), nan)
+                  for name in ("bias", "lambda", "val_mse", "lds")}
+    n_units = -(-n_targets // target_chunk)
+    return {"weights": ArraySpec((n_train, n_targets, n_classes), weights_dtype, (rows, target_chunk, n_classes),
+                                 nan),
+            "margin_weights": ArraySpec((n_train, n_targets), weights_dtype, (rows, target_chunk), nan),
+            **per_target, **per_margin, "done": ArraySpec((n_units,), "bool", (1,), False)}
+
+
+def target_units(n_targets: int, chunk: int, done: np.ndarray) -> list[tuple[int, int]]:
+    """(t0, t1) of every target chunk not done."""
+    return [(t0, min(t0 + chunk, n_targets)) for i, t0 in enumerate(range(0, n_targets, chunk)) if not done[i]]
+
+
+def write_targets(group: zarr.Group, t0: int, t1: int, result: dict) -> None:
+    """A work unit writes its own target chunk of every array (the driver then marks it done)."""
+    group["weights"][:, t0:t1, :] = result["weights"].astype(group["weights"].dtype)
+    group["margin_weights"][:, t0:t1] = result["margin_weights"].astype(group["margin_weights"].dtype)
+    for name in ("bias", "lambda", "val_mse", "lds"):
+        for prefix in ("", "margin_"):
+            if prefix + name in result:
+                group[prefix + name][t0:t1] = result[prefix + name]
+
+
+def lds_summary(group: zarr.Group, n_train: int) -> dict:
+    """Mean LDS over targets (NaN for constant targets skipped), overall and on test targets."""
+    def mean(a: np.ndarray) -> float:
+        return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+    logit_lds, margin_lds = np.asarray(group["lds"][:]), np.asarray(group["margin_lds"][:])
+    return {"lds_mean": mean(logit_lds), "lds_margin_mean": mean(margin_lds),
+            "lds_margin_test_mean": mean(margin_lds[n_train:])}
