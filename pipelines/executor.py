@@ -8,7 +8,9 @@ so a unit returns the same numbers on either. Units return arrays; only the driv
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -23,6 +25,9 @@ class UnitError(RuntimeError):
 class Executor(ABC):
     def __init__(self, cpus_per_unit: int = 1):
         self.cpus_per_unit = cpus_per_unit
+        # one record per finished unit: unit, node, pid, seconds, peak_rss_bytes (what the unit's process held at
+        # most while it ran; None where it cannot be measured apart from the driver, i.e. in-process)
+        self.unit_stats: list[dict] = []
 
     @abstractmethod
     def map_unordered(self, fn: Callable, units: Sequence, shared: dict[str, Any] | None = None,
@@ -39,9 +44,40 @@ class Executor(ABC):
         self.close()
 
 
-def _run_unit(fn: Callable, unit: Any, threads: int, **shared: Any) -> Any:
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory measurement for this process (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory in bytes since start or the last reset_peak_rss (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _run_unit(fn: Callable, unit: Any, threads: int, node: str | None, **shared: Any) -> tuple[Any, dict]:
+    """Run one unit; returns its result and where and how it ran. `node` None: a Ray worker, which measures its
+    own peak memory (workers are reused, so the peak is reset first) and asks Ray for its node."""
     torch.set_num_threads(threads)  # workers are reused: set it inside every task (reference.md §7)
-    return fn(unit, **shared)
+    measured = node is None and reset_peak_rss()
+    start = time.perf_counter()
+    result = fn(unit, **shared)
+    seconds = time.perf_counter() - start
+    if node is None:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+    return result, {"fn": getattr(fn, "__name__", repr(fn)), "node": node, "pid": os.getpid(), "seconds": seconds,
+                    "peak_rss_bytes": peak_rss() if measured else None}
 
 
 class SerialExecutor(Executor):
@@ -51,7 +87,9 @@ class SerialExecutor(Executor):
         previous = torch.get_num_threads()
         try:
             for unit in units:
-                yield unit, _run_unit(fn, unit, self.cpus_per_unit, **(shared or {}))
+                result, stats = _run_unit(fn, unit, self.cpus_per_unit, "local", **(shared or {}))
+                self.unit_stats.append({"unit": unit, **stats})
+                yield unit, result
         finally:
             torch.set_num_threads(previous)
 
@@ -93,13 +131,14 @@ class RayExecutor(Executor):
             while todo or pending:
                 while todo and len(pending) < window:
                     unit = todo.pop(0)
-                    pending[remote.remote(fn, unit, self.cpus_per_unit, **refs)] = unit
+                    pending[remote.remote(fn, unit, self.cpus_per_unit, None, **refs)] = unit
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 unit = pending.pop(ready[0])
                 try:
-                    result = ray.get(ready[0])
+                    result, stats = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:
                     raise UnitError(f"work unit {unit!r} failed after {self.max_retries} retries: {exc}") from exc
+                self.unit_stats.append({"unit": unit, **stats})
                 yield unit, result
         finally:
             for ref in pending:

@@ -22,14 +22,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """A real local Ray instance with 2 CPUs and no dashboard, shared by the tests that are about distribution."""
+    """A real local Ray instance with 2 CPUs and no dashboard, shared by the tests that are about distribution
+    (started once; a multi-node test that needs another cluster shuts it down, and the next user restarts it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """A two-node Ray cluster on this machine (ray.cluster_utils.Cluster): a head without CPUs, so every unit
+    runs on one of two worker nodes with one CPU each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, [n.node_id for n in nodes]
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
 
 
 def small_config(tmp_path, *, kind: str = "serial", n_models: int = 12, block: int = 4, epochs: int = 15,

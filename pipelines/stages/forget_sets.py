@@ -71,8 +71,9 @@ def principal_component_scores(weights: zarr.Array | np.ndarray, n: int, n_compo
     At least scikit-learn's 7 iterations (4 when n_components >= 0.1 min(n, N)), then more, up to `max_iter`,
     until the angle of each of the top components to the exact one is below `tol` (bounded by the Ritz
     residual over the gap to the other Ritz values): a datamodel matrix dominated by its diagonal (the
-    self-influences) has a flat spectrum, on which 7 iterations can leave PC2 visibly off. A warning says
-    when it stops short (nearly equal singular values: the component is ill-defined, for the dense SVD too).
+    self-influences) has a flat spectrum, on which 7 iterations can leave the components ~1% off and change
+    their forget sets. A warning says when it stops short (nearly equal singular values: the component is
+    ill-defined, for the dense SVD too).
     Peak memory: about 8 * (4 n l + N l + N) + 20 * block_rows * n bytes: the (n, l) and (N, l) float64
     matrices, one float64 block, and the float32 read of the next with zarr's compressed and decoded chunks
     (~280 MB at CIFAR-10 scale with the default block of 256 rows, the store's row chunk).
@@ -83,20 +84,21 @@ def principal_component_scores(weights: zarr.Array | np.ndarray, n: int, n_compo
         raise ValueError(f"n_components must be in [1, {min(n, p)}], got {k}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be positive, got {max_iter}")
-    l = min(k + 10, n, p)  # scikit-learn's oversampling
+    width = min(k + 10, n, p)  # l: scikit-learn's oversampling
     min_iter = 7 if k < 0.1 * min(n, p) else 4  # scikit-learn's choice
     blocks = _row_blocks(weights, block_rows)
 
+    # one float64 block, reused: the previous block is not held while the next is read
     buffer = np.empty((max(j1 - j0 for j0, j1 in blocks), n))
 
     def block(j0: int, j1: int) -> np.ndarray:  # (j1 - j0, n): columns j0:j1 of A, transposed
-        out = buffer[:j1 - j0]  # one float64 block, reused: the previous one is not held while the next is read
+        out = buffer[:j1 - j0]
         out[...] = weights[j0:j1, :n]
         return out
 
     # first pass: mu and A_c @ Omega together (A_c @ X = A @ X - 1 (mu^T X))
-    omega = model_rng(seed, PCA_STREAM, 0).standard_normal((p, l))
-    mu, y = np.empty(p), np.zeros((n, l))
+    omega = model_rng(seed, PCA_STREAM, 0).standard_normal((p, width))
+    mu, y = np.empty(p), np.zeros((n, width))
     for j0, j1 in blocks:
         w = block(j0, j1)
         mu[j0:j1] = w.mean(axis=1)
@@ -108,10 +110,10 @@ def principal_component_scores(weights: zarr.Array | np.ndarray, n: int, n_compo
     # Y = A_c Z = A_c A_c^T Q, the next power iterate: one read of the store per iteration, not two (with a QR
     # between the products) plus one for B. Without that middle QR, float64 loses only the components below
     # ~1e-8 s_1, which the iterations are there to damp anyway.
-    z = np.empty((p, l))
+    z = np.empty((p, width))
     for it in range(1, max_iter + 1):
         col_sums = q.sum(axis=0)
-        y, mu_z = np.zeros((n, l)), np.zeros(l)
+        y, mu_z = np.zeros((n, width)), np.zeros(width)
         for j0, j1 in blocks:
             w = block(j0, j1)
             z[j0:j1] = w @ q - np.outer(mu[j0:j1], col_sums)  # A_c^T Q = A^T Q - mu (1^T Q)
@@ -126,8 +128,8 @@ def principal_component_scores(weights: zarr.Array | np.ndarray, n: int, n_compo
         residual = np.linalg.norm(y @ u_b[:, :k] - u * theta[:k], axis=0)
         gap = np.array([np.delete(np.abs(theta - theta[i]), i).min() for i in range(k)])
         angle = residual / np.maximum(gap, np.finfo(np.float64).tiny)
-        # l = min(n, N): Q spans A_c's columns after one pass, the Ritz pairs are exact
-        if l == min(n, p) or (angle.max() <= tol and it > min(min_iter, max_iter - 1)):
+        # width = min(n, N): Q spans A_c's columns after one pass, the Ritz pairs are exact
+        if width == min(n, p) or (angle.max() <= tol and it > min(min_iter, max_iter - 1)):
             log.info("PCA of the margin-datamodel matrix: %d passes over the store", it + 1)
             break
         q = np.linalg.qr(y)[0]

@@ -145,7 +145,7 @@ def planted_matrix(n: int = 200, seed: int = 0):
 
 def test_principal_component_scores_match_sklearn_pca():
     matrix, block1, block2 = planted_matrix()
-    scores = principal_component_scores(matrix, 2)
+    scores = principal_component_scores(matrix.T, matrix.shape[0], 2)  # the store holds margin_weights (N, T)
     reference = PCA(n_components=2, svd_solver="full").fit_transform(matrix)
     for c in range(2):  # a component's sign is arbitrary: align, then compare
         sign = np.sign(scores[:, c] @ reference[:, c])
