@@ -11,8 +11,9 @@ when the driver's and the units' peaks stay flat while the logits grow: neither 
     .venv/bin/python benchmarks/scale.py --sizes 256x1024,512x2048   # models x targets, for a quick look
 
 Peak memory is each process's VmHWM (Linux), reset just before the stages run (driver) and before each unit
-(worker, `pipelines.executor`). The process that generates the stores is the driver: its peak is reset after the
-generation, which writes block by block.
+(worker, `pipelines.executor`). Each size runs in a fresh driver process, which first writes its store block by
+block and then, after the reset, runs the stages. A unit's memory grows with the models M (it reads M x t x C
+logits for its t targets) and not with the targets T; the default sizes grow T 8x and M 2x.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attribution import subsets as subsets_store  # noqa: E402
 from attribution.store import bytes_on_disk, open_group  # noqa: E402
 from pipelines.config import (  # noqa: E402
-    DatamodelsConfig, ExecutorConfig, ForgetSetsConfig, RunConfig, SubsetsConfig, TaskConfig,
+    DatamodelsConfig,
+    ExecutorConfig,
+    ForgetSetsConfig,
+    RunConfig,
+    SubsetsConfig,
+    TaskConfig,
 )
 from pipelines.executor import peak_rss, reset_peak_rss  # noqa: E402
 from pipelines.stages import RunContext, run_stages  # noqa: E402
@@ -48,7 +55,7 @@ BLOCK = 64  # subset models per block (= shard of the logits)
 NONZERO = 5  # training points that move each target output in the planted model
 NOISE = 0.1
 # models x targets: each size 4x the last in M * T; the largest holds 2.7 GB of float32 logits
-DEFAULT_SIZES = ((1024, 4096), (2048, 8192), (4096, 16384))
+DEFAULT_SIZES = ((1024, 4096), (1024, 16384), (2048, 32768))
 
 
 def synthetic_data(n_targets: int, seed: int) -> TaskData:
@@ -96,7 +103,7 @@ def recovery_error(run_dir: Path, n_targets: int, seed: int, chunk: int = 2048) 
     return (num / den) ** 0.5
 
 
-def run_size(root: Path, n_models: int, n_targets: int, seed: int = 0) -> dict:
+def size_context(root: Path, n_models: int, n_targets: int, seed: int = 0) -> RunContext:
     cfg = RunConfig(
         name=f"scale_{n_models}x{n_targets}", seed=seed, run_dir=str(root / f"{n_models}x{n_targets}"),
         task=TaskConfig(name="mnist1d", n_train=N_TRAIN),  # the name only keys the config; data is synthetic
@@ -106,7 +113,12 @@ def run_size(root: Path, n_models: int, n_targets: int, seed: int = 0) -> dict:
         executor=ExecutorConfig(kind="ray", num_cpus=2, cpus_per_unit=1))
     ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
     ctx.__dict__["data"] = synthetic_data(n_targets, seed)  # the stand-in task's data (cached_property slot)
-    write_store(ctx, n_models, seed)
+    return ctx
+
+
+def run_size(root: Path, n_models: int, n_targets: int, seed: int = 0) -> dict:
+    """The stages on a store written by another process (so this driver's memory holds none of the writing)."""
+    ctx = size_context(root, n_models, n_targets, seed)
     ctx.executor  # start Ray before the measurement: its start-up is not the stage's memory
     reset_peak_rss()
     start = time.perf_counter()
@@ -134,7 +146,17 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(f"{m}x{t}" for m, t in DEFAULT_SIZES),
                         help="comma-separated MODELSxTARGETS (default: %(default)s)")
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temporary directory)")
+    parser.add_argument("--write", default=None, help=argparse.SUPPRESS)  # MxT: write the store, in a process
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MxT: the stages, in a fresh driver
     args = parser.parse_args()
+    if args.write:
+        n_models, n_targets = (int(v) for v in args.write.split("x"))
+        write_store(size_context(Path(args.dir), n_models, n_targets), n_models, seed=0)
+        return
+    if args.one:
+        n_models, n_targets = (int(v) for v in args.one.split("x"))
+        print(json.dumps(run_size(Path(args.dir), n_models, n_targets)))
+        return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     root = Path(args.dir or tempfile.mkdtemp(prefix="dmu_scale_"))
@@ -146,7 +168,11 @@ def main() -> None:
     rows = []
     try:
         for n_models, n_targets in sizes:
-            row = run_size(root, n_models, n_targets)
+            size = f"{n_models}x{n_targets}"
+            subprocess.run([sys.executable, __file__, "--write", size, "--dir", str(root)], check=True)
+            out = subprocess.run([sys.executable, __file__, "--one", size, "--dir", str(root)], check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
             shutil.rmtree(root / f"{n_models}x{n_targets}", ignore_errors=True)
             if not args.json:

@@ -21,6 +21,7 @@ from unlearning.klom import margins
 
 KIND = "datamodels"
 ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
+CHECK_TARGETS = 1024  # targets per read when the driver checks the subset logits (a multiple of their 128-chunks)
 
 
 def split(n_models: int, n_val: int, n_lds: int) -> tuple[slice, slice, slice]:
@@ -94,11 +95,14 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     if masks.shape[0] != logits.shape[0]:
         raise StoreError(f"subsets.zarr has {masks.shape[0]} masks but {logits.shape[0]} rows of logits: the store "
                          "is damaged; recompute it in a new run directory")
+    # one block of models x CHECK_TARGETS targets at a time: the check's memory grows with neither M nor T
     block = logits.shards[0] if logits.shards else logits.chunks[0]
-    bad: list[int] = []
+    bad: set[int] = set()
     for start in range(0, logits.shape[0], block):
-        rows = np.asarray(logits[start:start + block])
-        bad += (start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist()
+        for t0 in range(0, logits.shape[1], CHECK_TARGETS):
+            rows = np.asarray(logits[start:start + block, t0:t0 + CHECK_TARGETS])
+            bad.update((start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist())
+    bad = sorted(bad)
     if bad:
         raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
                          "store) or lower the learning rate")

@@ -28,7 +28,14 @@ from attribution.store import ArraySpec, location, open_group, open_or_create
 from pipelines.config import ConfigError
 from pipelines.stages import RunContext, drive
 from pipelines.stages.datamodel_io import (
-    KIND, SubsetSource, datamodels_config, lds_summary, open_subsets, store_arrays, target_units, write_targets,
+    KIND,
+    SubsetSource,
+    datamodels_config,
+    lds_summary,
+    open_subsets,
+    store_arrays,
+    target_units,
+    write_targets,
 )
 
 log = logging.getLogger("dmu")
