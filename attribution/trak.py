@@ -3,6 +3,9 @@
 Data flow: subset-model checkpoints + train/target tensors -> `trak_scores` (N, T[, C]), arbitrary scale ->
 `calibrate` against held-out subset models (masks, outputs) -> weights in the units of LASSO datamodel
 weights, stored like them in `datamodels/trak.zarr` (`weights` (N, T, C), `bias` (T, C)).
+In bounded memory, chunk by chunk of targets: `TrakScorer` featurizes the train set once and scores one chunk
+at a time; `calibration_sums` per chunk, `calibrate_from_sums` on all chunks' sums gives the one global scale,
+then weights = scale * scores per chunk (pipelines/stages/trak.py).
 
 Output functions (which gradients TRAK uses; reference.md §2):
 - Train side (featurizing) always uses the margin m = z_y - logsumexp_{k!=y} z_k with the out-to-loss term
@@ -21,11 +24,13 @@ Output functions (which gradients TRAK uses; reference.md §2):
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -35,7 +40,8 @@ from trak import TRAKer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, BasicProjector, CudaProjector, ProjectionType
 
-__all__ = ["TrainMarginOutput", "default_projector", "trak_scores", "calibrate"]
+__all__ = ["TrainMarginOutput", "default_projector", "TrakScorer", "trak_scores", "calibrate",
+           "calibration_sums", "calibrate_from_sums", "CALIBRATION_SUMS"]
 
 # Marker in the per-row `which` tensor: -1 = the margin of the row's label; c >= 0 = the logit of class c.
 _MARGIN = -1
@@ -125,6 +131,238 @@ def _device_string(device, model: nn.Module) -> str:
     return dev
 
 
+def _check_targets(target_x, target_y, need_labels: bool) -> tuple[Tensor, Tensor]:
+    """Targets as tensors; labels are needed for margins, otherwise zeros stand in for them."""
+    target_x = _as_tensor(target_x, "target_x")
+    n_targets = target_x.shape[0]
+    if need_labels:
+        target_y = _as_tensor(target_y, "target_y (for outputs='margin')", torch.long)
+    else:
+        target_y = (torch.zeros(n_targets, dtype=torch.long) if target_y is None
+                    else _as_tensor(target_y, "target_y", torch.long))
+    if target_y.shape != (n_targets,):
+        raise ValueError(f"target_y must have shape ({n_targets},) like target_x, "
+                         f"got {tuple(target_y.shape)}")
+    if n_targets < 1:
+        raise ValueError("need at least 1 target, got none")
+    return target_x, target_y
+
+
+class TrakScorer:
+    """TRAK featurized once for a set of checkpoints, then scoring any number of chunks of targets.
+
+    Featurizing (projected train gradients of every checkpoint, then Phi (Phi^T Phi + lambda I)^-1) is the
+    expensive, target-independent half of TRAK; traker keeps its result in memory maps under `save_dir`
+    (4 * k * N * proj_dim bytes on disk for k checkpoints; the train gradients are deleted once finalized).
+    Every `scores` / `logit_and_margin_scores` call is a new traker experiment over those features that
+    returns that chunk's scores only and then deletes the experiment's files. TRAK is linear per target, so
+    chunked scores equal one all-targets run up to float rounding. Memory per call: about three times the
+    chunk's (N, rows) float32 scores while traker finalizes them (accumulator, matmul product and its copy,
+    the averaged result; measured 3.0x on the CPU), rows = t*C (logits), t (margin) or t*(C+1) (both).
+
+    Use it as a context manager (or call `close`): the temporary `save_dir` is removed on exit (or when the
+    scorer is garbage collected).
+    Args: as `trak_scores` (which is `scores` of a scorer used once).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoints: Sequence[dict[str, Tensor]],
+        train_x: Tensor,
+        train_y: Tensor,
+        *,
+        num_classes: int | None = None,
+        proj_dim: int = 512,
+        lambda_reg: float = 1e-3,
+        batch_size: int | None = None,
+        device: str | None = None,
+        save_dir: str | os.PathLike | None = None,
+        half_precision: bool = False,
+        projector_seed: int = 0,
+        projector: AbstractProjector | None = None,
+    ) -> None:
+        if len(checkpoints) == 0:
+            raise ValueError("checkpoints is empty: pass at least one state dict of a trained subset model")
+        if not lambda_reg > 0:
+            raise ValueError(f"lambda_reg must be > 0 (reference.md §2), got {lambda_reg}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dev = _device_string(device, model)
+
+        train_x = _as_tensor(train_x, "train_x")
+        train_y = _as_tensor(train_y, "train_y", torch.long)
+        n_train = train_x.shape[0]
+        if train_y.shape != (n_train,):
+            raise ValueError(f"train_y must have shape ({n_train},) like train_x, got {tuple(train_y.shape)}")
+        if n_train < 2:
+            raise ValueError(f"need at least 2 train examples, got N={n_train}")
+
+        # A private copy: traker loads every checkpoint into the model and switches it to eval mode (BatchNorm
+        # then uses its running statistics, so per-example gradients do not mix examples).
+        work = copy.deepcopy(model).to(dev).eval()
+        n_params = sum(p.numel() for p in work.parameters())
+        if batch_size is None:
+            batch_size = int(min(_MAX_AUTO_BATCH, max(1, _AUTO_BATCH_BYTES // (4 * n_params))))
+        with torch.no_grad():
+            work.load_state_dict(checkpoints[0])
+            out_dim = work(train_x[:1].to(dev)).shape[-1]
+        if num_classes is None:
+            num_classes = out_dim
+        elif num_classes != out_dim:
+            raise ValueError(f"num_classes={num_classes} but the model returns {out_dim} logits per example")
+        if num_classes < 2:
+            raise ValueError(f"TRAK's margin needs at least 2 classes, the model returns {num_classes}")
+        if int(train_y.min()) < 0 or int(train_y.max()) >= num_classes:
+            raise ValueError(f"train_y must hold labels in [0, {num_classes}), got range "
+                             f"[{int(train_y.min())}, {int(train_y.max())}]")
+
+        dtype = torch.float16 if half_precision else torch.float32
+        if projector is None:
+            if proj_dim >= n_train:
+                raise ValueError(
+                    f"proj_dim={proj_dim} must be smaller than the number of training examples N={n_train}: "
+                    "with proj_dim >= N, Phi^T Phi is singular and the ridge term dominates (reference.md §8 "
+                    f"measured LDS 0.24 instead of 0.48). Pass proj_dim <= {max(1, n_train // 2)} or so."
+                )
+            if proj_dim > n_params:
+                raise ValueError(f"proj_dim={proj_dim} exceeds the model's {n_params} parameters; "
+                                 f"pass proj_dim <= {n_params}")
+            projector = default_projector(n_params, proj_dim, dev, seed=projector_seed, dtype=dtype)
+        elif (projector.proj_dim or n_params) >= n_train:  # NoOpProjector reports proj_dim 0: no projection
+            raise ValueError(f"the projector's output dimension {projector.proj_dim or n_params} must be "
+                             f"smaller than N={n_train} (reference.md §8)")
+
+        self.n_train, self.num_classes, self.device = n_train, num_classes, dev
+        self._checkpoints = list(checkpoints)
+        self._batch_size = batch_size
+        self._n_experiments = 0
+        self._owns_dir = save_dir is None
+        if self._owns_dir:
+            save_dir = tempfile.mkdtemp(prefix="dmu_trak_")
+        elif os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+            raise ValueError(f"save_dir {os.fspath(save_dir)!r} is not an empty directory; traker would "
+                             "silently reuse features stored there. Pass a new or empty directory, or None "
+                             "for a temporary one.")
+        self.save_dir = os.fspath(save_dir)
+        self._cleanup = None
+        if self._owns_dir:  # at close, or when the scorer is garbage collected unclosed
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.save_dir, ignore_errors=True)
+        try:
+            self._traker = TRAKer(
+                model=work, task=TrainMarginOutput(num_classes), train_set_size=n_train,
+                save_dir=self.save_dir, device=dev, projector=projector, proj_dim=proj_dim,
+                use_half_precision=half_precision, lambda_reg=lambda_reg, projector_seed=projector_seed,
+                logging_level=logging.WARNING,
+            )
+            # Featurize: the same model_id (= checkpoint index) is used for scoring; traker pairs train
+            # features and target gradients by model_id and silently mismatches otherwise (reference.md §2).
+            train_which = torch.full((n_train,), _MARGIN)
+            for model_id, ckpt in enumerate(self._checkpoints):
+                self._traker.load_checkpoint(ckpt, model_id=model_id)
+                for b in self._batches(train_x, train_y, train_which):
+                    self._traker.featurize(batch=b, num_samples=b[0].shape[0])
+            # scoring reads only the finalized features: the raw train gradients go (half the disk)
+            self._traker.finalize_features(del_grads=True)
+            # traker frees the projection matrix in finalize_features; a single-block BasicProjector
+            # (proj_dim <= 100) regenerates it only when the model_id changes, never with one checkpoint
+            # (reference.md §2). With several checkpoints every experiment starts at model_id 0, not the
+            # last one, so it regenerates there.
+            single_block = isinstance(projector, BasicProjector) and projector.num_blocks == 1
+            if single_block and not projector.proj_matrix_available:
+                projector.generate_sketch_matrix(projector.generator_states[0])
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "TrakScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the temporary save_dir (a given save_dir is kept, with its features)."""
+        if self._cleanup is not None:
+            self._cleanup()  # runs once
+
+    def _batches(self, x: Tensor, y: Tensor, which: Tensor):
+        for s in range(0, x.shape[0], self._batch_size):
+            rows = slice(s, s + self._batch_size)
+            yield x[rows].to(self.device), y[rows].to(self.device), which[rows].to(self.device)
+
+    def scores(self, target_x, target_y=None, *,
+               outputs: Literal["logits", "margin"] = "logits") -> np.ndarray:
+        """TRAK scores of every train example for these targets: float32 (N, t, C) logits or (N, t) margins
+        (target_y needed for margins); as `trak_scores`."""
+        if outputs not in ("logits", "margin"):
+            raise ValueError(f"outputs must be 'logits' or 'margin', got {outputs!r}")
+        x, y = _check_targets(target_x, target_y, need_labels=outputs == "margin")
+        t, c = x.shape[0], self.num_classes
+        if outputs == "margin":
+            self._check_labels(y)
+            [scores] = self._score_rows(x, y, torch.full((t,), _MARGIN), [slice(None)])
+            return scores
+        # t-major rows: row j*C + c is logit c of target j
+        rows_which = torch.arange(c).repeat(t)
+        [scores] = self._score_rows(x.repeat_interleave(c, dim=0), y.repeat_interleave(c), rows_which,
+                                    [slice(None)])
+        return scores.reshape(self.n_train, t, c)
+
+    def logit_and_margin_scores(self, target_x, target_y) -> tuple[np.ndarray, np.ndarray]:
+        """(N, t, C) logit and (N, t) margin scores of these targets from one traker experiment (one pass over
+        the stored features instead of two); equal to `scores` with each `outputs`."""
+        x, y = _check_targets(target_x, target_y, need_labels=True)
+        self._check_labels(y)
+        t, c = x.shape[0], self.num_classes
+        rows_x = torch.cat([x.repeat_interleave(c, dim=0), x])
+        rows_y = torch.cat([y.repeat_interleave(c), y])
+        rows_which = torch.cat([torch.arange(c).repeat(t), torch.full((t,), _MARGIN)])
+        logit_scores, margin_scores = self._score_rows(rows_x, rows_y, rows_which,
+                                                       [slice(0, t * c), slice(t * c, None)])
+        return logit_scores.reshape(self.n_train, t, c), margin_scores
+
+    def _check_labels(self, y: Tensor) -> None:
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise ValueError(f"target_y must hold labels in [0, {self.num_classes}), got range "
+                             f"[{int(y.min())}, {int(y.max())}]")
+
+    def _score_rows(self, x: Tensor, y: Tensor, which: Tensor, parts: Sequence[slice]) -> list[np.ndarray]:
+        """One traker experiment over these rows; float32 copies of the score columns `parts`."""
+        traker = self._traker
+        exp_name = f"targets_{self._n_experiments}"
+        self._n_experiments += 1
+        try:
+            for model_id, ckpt in enumerate(self._checkpoints):
+                traker.start_scoring_checkpoint(exp_name=exp_name, checkpoint=ckpt, model_id=model_id,
+                                                num_targets=x.shape[0])
+                for b in self._batches(x, y, which):
+                    traker.score(batch=b, num_samples=b[0].shape[0])
+            scores = traker.finalize_scores(exp_name=exp_name)  # (N, rows) memory map
+            out = [np.array(scores[:, part], dtype=np.float32) for part in parts]  # copies off the memmap
+            del scores
+        finally:
+            self._drop_experiment(exp_name)
+        if not all(np.isfinite(a).all() for a in out):
+            raise FloatingPointError("TRAK produced non-finite scores; use half_precision=False or a larger "
+                                     "lambda_reg")
+        return out
+
+    def _drop_experiment(self, exp_name: str) -> None:
+        # traker keeps every experiment's target gradients and scores on disk and in experiments.json; a
+        # chunked run would otherwise grow them with every chunk.
+        saver = self._traker.saver
+        for key in (f"{exp_name}_grads", f"{exp_name}_scores"):
+            saver.current_store.pop(key, None)
+        self._traker.scores = None
+        saver.experiments.pop(exp_name, None)
+        with open(saver.experiments_file, "w") as f:
+            json.dump(saver.experiments, f)
+        for model_id in range(len(self._checkpoints)):
+            (saver.save_dir / str(model_id) / f"{exp_name}_grads.mmap").unlink(missing_ok=True)
+        (saver.save_dir / "scores" / f"{exp_name}.mmap").unlink(missing_ok=True)
+
+
 def trak_scores(
     model: nn.Module,
     checkpoints: Sequence[dict[str, Tensor]],
@@ -145,6 +383,9 @@ def trak_scores(
     projector: AbstractProjector | None = None,
 ) -> np.ndarray:
     """TRAK scores of every train example for every target output, averaged over `checkpoints`.
+
+    One `TrakScorer` used once: featurize, score all targets, clean up. To score many chunks of targets
+    against one featurization, use `TrakScorer` itself.
 
     Args:
         model: the architecture; each checkpoint is loaded into a private copy (the model is never mutated).
@@ -172,125 +413,114 @@ def trak_scores(
     """
     if outputs not in ("logits", "margin"):
         raise ValueError(f"outputs must be 'logits' or 'margin', got {outputs!r}")
-    if len(checkpoints) == 0:
-        raise ValueError("checkpoints is empty: pass at least one state dict of a trained subset model")
-    if not lambda_reg > 0:
-        raise ValueError(f"lambda_reg must be > 0 (reference.md §2), got {lambda_reg}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = _device_string(device, model)
+    _check_targets(target_x, target_y, need_labels=outputs == "margin")  # before the expensive featurizing
+    with TrakScorer(model, checkpoints, train_x, train_y, num_classes=num_classes, proj_dim=proj_dim,
+                    lambda_reg=lambda_reg, batch_size=batch_size, device=device, save_dir=save_dir,
+                    half_precision=half_precision, projector_seed=projector_seed,
+                    projector=projector) as scorer:
+        return scorer.scores(target_x, target_y, outputs=outputs)
 
-    train_x = _as_tensor(train_x, "train_x")
-    train_y = _as_tensor(train_y, "train_y", torch.long)
-    target_x = _as_tensor(target_x, "target_x")
-    n_train, n_targets = train_x.shape[0], target_x.shape[0]
-    if train_y.shape != (n_train,):
-        raise ValueError(f"train_y must have shape ({n_train},) like train_x, got {tuple(train_y.shape)}")
-    if outputs == "margin":
-        target_y = _as_tensor(target_y, "target_y (for outputs='margin')", torch.long)
+
+# Per-target sufficient statistics of `calibrate`, in this order where they are stacked into one array.
+CALIBRATION_SUMS = ("u_mean", "y_mean", "suu", "suy", "syy", "uu")
+# float64 temporaries of calibration_sums stay below this many bytes (column blocks of the scores)
+_F64_BLOCK_BYTES = 1 << 27
+
+
+def _check_calibration_inputs(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> None:
+    if scores.ndim not in (2, 3):
+        raise ValueError(f"scores must be (N, T) or (N, T, C), got shape {scores.shape}")
+    if masks.ndim != 2 or masks.shape[1] != scores.shape[0]:
+        raise ValueError(f"masks must be (m, N={scores.shape[0]}), got shape {masks.shape}")
+    if masks.dtype != bool and not np.isin(masks, (0, 1)).all():
+        raise ValueError("masks must be boolean (or 0/1) training-set indicators")
+    m = masks.shape[0]
+    if outputs.shape != (m, *scores.shape[1:]):
+        raise ValueError(f"outputs must have shape {(m, *scores.shape[1:])} (models, targets[, classes]) "
+                         f"to match masks and scores, got {outputs.shape}")
+
+
+def _min_models(scale: str, min_models: int | None, m: int) -> None:
+    """Refuse an unknown mode, or fewer than min_models held-out models (default 3 global, 20 per target)."""
+    if scale not in ("per_target", "global"):
+        raise ValueError(f"scale must be 'per_target' or 'global', got {scale!r}")
+    if min_models is None:
+        min_models = 3 if scale == "global" else 20
+    min_models = max(3, min_models)
+    if m < min_models:
+        raise ValueError(f"calibration with scale={scale!r} needs at least {min_models} held-out subset "
+                         f"models, got {m}: slopes fitted to fewer points fit noise (use scale='global', or "
+                         "more models)")
+
+
+def calibration_sums(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> dict:
+    """`calibrate`'s sufficient statistics of one chunk of targets, pooled over chunks by calibrate_from_sums.
+
+    For every target output k with u_k = masks @ scores[:, k] and y_k = outputs[:, k] (float64): means
+    "u_mean", "y_mean", centred sums "suu" = sum (u - mean u)^2, "suy", "syy", and "uu" = sum u^2 (for the
+    degeneracy test), each shaped like scores.shape[1:]; plus "n_models" = m. Arguments as `calibrate`.
+    The float64 copy of the scores is made in column blocks of at most 128 MiB.
+    """
+    scores, masks, outputs = np.asarray(scores), np.asarray(masks), np.asarray(outputs)
+    _check_calibration_inputs(scores, masks, outputs)
+    if not (np.isfinite(scores).all() and np.isfinite(outputs).all()):
+        raise ValueError("scores and outputs must be finite")
+    m, tail = masks.shape[0], scores.shape[1:]
+    s2 = scores.reshape(scores.shape[0], -1)
+    mf = masks.astype(np.float64)  # raw 0/1 masks: the predicted effect of each subset
+    u = np.empty((m, s2.shape[1]))
+    step = max(1, _F64_BLOCK_BYTES // (8 * s2.shape[0]))
+    for c0 in range(0, s2.shape[1], step):
+        u[:, c0:c0 + step] = mf @ s2[:, c0:c0 + step].astype(np.float64)
+    y = outputs.reshape(m, -1).astype(np.float64)
+    u_mean, y_mean = u.mean(0), y.mean(0)
+    uc, yc = u - u_mean, y - y_mean
+    sums = {"u_mean": u_mean, "y_mean": y_mean, "suu": (uc * uc).sum(0), "suy": (uc * yc).sum(0),
+            "syy": (yc * yc).sum(0), "uu": (u * u).sum(0)}
+    return {**{k: v.reshape(tail) for k, v in sums.items()}, "n_models": m}
+
+
+def calibrate_from_sums(
+    sums: Mapping | Sequence[Mapping],
+    *,
+    scale: Literal["global", "per_target"] = "global",
+    min_models: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`calibrate`'s fit from `calibration_sums`: of one chunk, or of several chunks (a sequence, pooled as
+    if concatenated along the target axis, which must be the first). Two passes in bounded memory: sums per
+    chunk, then one global scale from all of them, then weights = scale * scores chunk by chunk.
+
+    Returns (scale, intercept, r2, degenerate), shaped like the (concatenated) sums; `calibrate` documents
+    them, the modes and `min_models`.
+    """
+    if isinstance(sums, Mapping):
+        sums = [sums]
+    if len(sums) == 0:
+        raise ValueError("no calibration sums given")
+    counts = {int(s["n_models"]) for s in sums}
+    if len(counts) != 1:
+        raise ValueError(f"calibration sums of different numbers of models {sorted(counts)} cannot be pooled")
+    m = counts.pop()
+    _min_models(scale, min_models, m)
+    pooled = {k: np.concatenate([np.asarray(s[k], dtype=np.float64).reshape(np.shape(s[k]) or (1,))
+                                 for s in sums]) for k in CALIBRATION_SUMS}
+    shape = pooled["suu"].shape
+    u_mean, y_mean, suu, suy, syy, uu = (pooled[k].reshape(-1) for k in CALIBRATION_SUMS)
+    # u_k constant across models (a zero score column, or identical masks): no slope can be identified.
+    degenerate = suu <= 1e-12 * np.maximum(1.0, uu)
+    if degenerate.all():
+        raise ValueError("masks @ scores does not vary across the held-out models (identical masks or "
+                         "all-zero scores): the scale cannot be fitted")
+    if scale == "per_target":
+        s = np.where(degenerate, 0.0, suy / np.where(degenerate, 1.0, suu))
     else:
-        target_y = (torch.zeros(n_targets, dtype=torch.long) if target_y is None
-                    else _as_tensor(target_y, "target_y", torch.long))
-    if target_y.shape != (n_targets,):
-        raise ValueError(f"target_y must have shape ({n_targets},) like target_x, "
-                         f"got {tuple(target_y.shape)}")
-    if n_train < 2 or n_targets < 1:
-        raise ValueError(f"need at least 2 train examples and 1 target, got N={n_train}, T={n_targets}")
-
-    # A private copy: traker loads every checkpoint into the model and switches it to eval mode (BatchNorm
-    # then uses its running statistics, so per-example gradients do not mix examples).
-    work = copy.deepcopy(model).to(dev).eval()
-    n_params = sum(p.numel() for p in work.parameters())
-    if batch_size is None:
-        batch_size = int(min(_MAX_AUTO_BATCH, max(1, _AUTO_BATCH_BYTES // (4 * n_params))))
-    with torch.no_grad():
-        work.load_state_dict(checkpoints[0])
-        out_dim = work(target_x[:1].to(dev)).shape[-1]
-    if num_classes is None:
-        num_classes = out_dim
-    elif num_classes != out_dim:
-        raise ValueError(f"num_classes={num_classes} but the model returns {out_dim} logits per example")
-    if num_classes < 2:
-        raise ValueError(f"TRAK's margin needs at least 2 classes, the model returns {num_classes}")
-    if int(train_y.min()) < 0 or int(train_y.max()) >= num_classes:
-        raise ValueError(f"train_y must hold labels in [0, {num_classes}), got range "
-                         f"[{int(train_y.min())}, {int(train_y.max())}]")
-
-    dtype = torch.float16 if half_precision else torch.float32
-    if projector is None:
-        if proj_dim >= n_train:
-            raise ValueError(
-                f"proj_dim={proj_dim} must be smaller than the number of training examples N={n_train}: "
-                "with proj_dim >= N, Phi^T Phi is singular and the ridge term dominates (reference.md §8 "
-                f"measured LDS 0.24 instead of 0.48). Pass proj_dim <= {max(1, n_train // 2)} or so."
-            )
-        if proj_dim > n_params:
-            raise ValueError(f"proj_dim={proj_dim} exceeds the model's {n_params} parameters; "
-                             f"pass proj_dim <= {n_params}")
-        projector = default_projector(n_params, proj_dim, dev, seed=projector_seed, dtype=dtype)
-    elif (projector.proj_dim or n_params) >= n_train:  # NoOpProjector reports proj_dim 0: no projection
-        raise ValueError(f"the projector's output dimension {projector.proj_dim or n_params} must be "
-                         f"smaller than N={n_train} (reference.md §8)")
-
-    # One experiment holds T*C rows (t-major: row t*C + c is logit c of target t) or T margin rows.
-    if outputs == "logits":
-        rows_x = target_x.repeat_interleave(num_classes, dim=0)
-        rows_y = target_y.repeat_interleave(num_classes)
-        rows_which = torch.arange(num_classes).repeat(n_targets)
-    else:
-        rows_x, rows_y, rows_which = target_x, target_y, torch.full((n_targets,), _MARGIN)
-    train_which = torch.full((n_train,), _MARGIN)
-
-    owns_dir = save_dir is None
-    if owns_dir:
-        save_dir = tempfile.mkdtemp(prefix="dmu_trak_")
-    elif os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
-        raise ValueError(f"save_dir {os.fspath(save_dir)!r} is not an empty directory; traker would silently "
-                         "reuse features stored there. Pass a new or empty directory, or None for a "
-                         "temporary one.")
-    try:
-        traker = TRAKer(
-            model=work, task=TrainMarginOutput(num_classes), train_set_size=n_train,
-            save_dir=os.fspath(save_dir), device=dev, projector=projector, proj_dim=proj_dim,
-            use_half_precision=half_precision, lambda_reg=lambda_reg, projector_seed=projector_seed,
-            logging_level=logging.WARNING,
-        )
-
-        def batches(x: Tensor, y: Tensor, which: Tensor):
-            for s in range(0, x.shape[0], batch_size):
-                rows = slice(s, s + batch_size)
-                yield x[rows].to(dev), y[rows].to(dev), which[rows].to(dev)
-
-        # Featurize: the same model_id (= checkpoint index) is used below for scoring; traker pairs train
-        # features and target gradients by model_id and silently mismatches otherwise (reference.md §2).
-        for model_id, ckpt in enumerate(checkpoints):
-            traker.load_checkpoint(ckpt, model_id=model_id)
-            for b in batches(train_x, train_y, train_which):
-                traker.featurize(batch=b, num_samples=b[0].shape[0])
-        traker.finalize_features()
-        # traker frees the projection matrix in finalize_features; a single-block BasicProjector (proj_dim <=
-        # 100) regenerates it only when the model_id changes, never with one checkpoint (reference.md §2).
-        single_block = isinstance(projector, BasicProjector) and projector.num_blocks == 1
-        if single_block and not projector.proj_matrix_available:
-            projector.generate_sketch_matrix(projector.generator_states[0])
-
-        exp_name = "targets"
-        for model_id, ckpt in enumerate(checkpoints):
-            traker.start_scoring_checkpoint(exp_name=exp_name, checkpoint=ckpt, model_id=model_id,
-                                            num_targets=rows_x.shape[0])
-            for b in batches(rows_x, rows_y, rows_which):
-                traker.score(batch=b, num_samples=b[0].shape[0])
-        scores = np.array(traker.finalize_scores(exp_name=exp_name), dtype=np.float32)  # copy off the memmap
-    finally:
-        if owns_dir:
-            shutil.rmtree(save_dir, ignore_errors=True)
-
-    if outputs == "logits":
-        scores = scores.reshape(n_train, n_targets, num_classes)
-    if not np.isfinite(scores).all():
-        raise FloatingPointError("TRAK produced non-finite scores; use half_precision=False or a larger "
-                                 "lambda_reg")
-    return scores
+        s = np.full(suu.shape, suy[~degenerate].sum() / suu[~degenerate].sum())
+        s[degenerate] = 0.0
+    b = y_mean - s * u_mean
+    # residual sum of squares sum (yc - s uc)^2, expanded; rounding may take it a hair below 0
+    rss = np.maximum(syy - 2.0 * s * suy + s * s * suu, 0.0)
+    r2 = np.where(syy > 0, 1.0 - rss / np.where(syy > 0, syy, 1.0), 0.0)
+    return s.reshape(shape), b.reshape(shape), r2.reshape(shape), degenerate.reshape(shape)
 
 
 def calibrate(
@@ -309,7 +539,8 @@ def calibrate(
         outputs[:, k] ~ b_k + s_k * u_k      (scale="per_target").
     Closed form: s_k = cov(u_k, y_k) / var(u_k), b_k = mean(y_k) - s_k mean(u_k); the global s pools the
     centred sums over k. The weights s * scores[:, k] with bias b_k form a datamodel:
-    outputs ~ b + masks @ weights.
+    outputs ~ b + masks @ weights. All scores at once; for chunks of targets use `calibration_sums` per chunk
+    and `calibrate_from_sums` on all of them (this function is those two on one chunk).
 
     Why "global" by default. Measured on MNIST-1D CNN subset models (N=1000, 100 test targets, proj_dim 512):
     held-out R^2 on 128 further subset models, pooled over targets; K = TRAK checkpoints, m = calibration
@@ -340,59 +571,12 @@ def calibrate(
     scores = np.asarray(scores)
     masks = np.asarray(masks)
     outputs = np.asarray(outputs)
-    if scale not in ("per_target", "global"):
-        raise ValueError(f"scale must be 'per_target' or 'global', got {scale!r}")
-    if scores.ndim not in (2, 3):
-        raise ValueError(f"scores must be (N, T) or (N, T, C), got shape {scores.shape}")
-    if masks.ndim != 2 or masks.shape[1] != scores.shape[0]:
-        raise ValueError(f"masks must be (m, N={scores.shape[0]}), got shape {masks.shape}")
-    if masks.dtype != bool and not np.isin(masks, (0, 1)).all():
-        raise ValueError("masks must be boolean (or 0/1) training-set indicators")
-    m = masks.shape[0]
-    if outputs.shape != (m, *scores.shape[1:]):
-        raise ValueError(f"outputs must have shape {(m, *scores.shape[1:])} (models, targets[, classes]) "
-                         f"to match masks and scores, got {outputs.shape}")
-    if min_models is None:
-        min_models = 3 if scale == "global" else 20
-    min_models = max(3, min_models)
-    if m < min_models:
-        raise ValueError(f"calibration with scale={scale!r} needs at least {min_models} held-out subset "
-                         f"models, got {m}: slopes fitted to fewer points fit noise (use scale='global', or "
-                         "more models)")
-    if not (np.isfinite(scores).all() and np.isfinite(outputs).all()):
-        raise ValueError("scores and outputs must be finite")
-
-    tail = scores.shape[1:]
-    s2 = scores.reshape(scores.shape[0], -1).astype(np.float64)
-    y = outputs.reshape(m, -1).astype(np.float64)
-    u = masks.astype(np.float64) @ s2  # predicted effect of each subset on each target output (raw 0/1 masks)
-    uc = u - u.mean(0)
-    yc = y - y.mean(0)
-    suu = (uc * uc).sum(0)
-    suy = (uc * yc).sum(0)
-    # u_k constant across models (a zero score column, or identical masks): no slope can be identified.
-    degenerate = suu <= 1e-12 * np.maximum(1.0, (u * u).sum(0))
-    if degenerate.all():
-        raise ValueError("masks @ scores does not vary across the held-out models (identical masks or "
-                         "all-zero scores): the scale cannot be fitted")
-    if scale == "per_target":
-        s = np.where(degenerate, 0.0, suy / np.where(degenerate, 1.0, suu))
-    else:
-        s = np.full(u.shape[1], suy[~degenerate].sum() / suu[~degenerate].sum())
-        s[degenerate] = 0.0
-    b = y.mean(0) - s * u.mean(0)
-    resid = yc - s * uc
-    syy = (yc * yc).sum(0)
-    r2 = np.where(syy > 0, 1.0 - (resid * resid).sum(0) / np.where(syy > 0, syy, 1.0), 0.0)
-
+    _check_calibration_inputs(scores, masks, outputs)
+    _min_models(scale, min_models, masks.shape[0])  # before the finiteness check in calibration_sums
+    s, b, r2, degenerate = calibrate_from_sums(calibration_sums(scores, masks, outputs), scale=scale,
+                                               min_models=min_models)
     out_dtype = scores.dtype if scores.dtype.kind == "f" else np.float64
-    weights = (s2 * s).reshape(scores.shape).astype(out_dtype)
-    info = {
-        "scale": s.reshape(tail),
-        "intercept": b.reshape(tail),
-        "r2": r2.reshape(tail),
-        "degenerate": degenerate.reshape(tail),
-        "mode": scale,
-        "n_models": m,
-    }
-    return weights, info
+    weights = (scores.reshape(scores.shape[0], -1).astype(np.float64) * s.reshape(-1)).reshape(scores.shape)
+    info = {"scale": s, "intercept": b, "r2": r2, "degenerate": degenerate, "mode": scale,
+            "n_models": masks.shape[0]}
+    return weights.astype(out_dtype), info

@@ -2,9 +2,12 @@
 
 References: autograd of cross-entropy (the out-to-loss term), a direct re-computation of TRAK's formula
 without projection, the chain rule from logit scores to margin scores, scikit-learn Lasso datamodels on
-MNIST-1D subset models, and the closed-form / numpy least-squares fits for `calibrate`.
+MNIST-1D subset models, and the closed-form / numpy least-squares fits for `calibrate`. Chunked scoring
+(`TrakScorer`) and chunked calibration (`calibration_sums` + `calibrate_from_sums`) against the all-at-once
+results.
 """
 
+import json
 import os
 import tempfile
 import warnings
@@ -17,7 +20,15 @@ from scipy.stats import pearsonr
 from sklearn.linear_model import Lasso
 from trak.projectors import BasicProjector, CudaProjector, NoOpProjector
 
-from attribution.trak import TrainMarginOutput, calibrate, default_projector, trak_scores
+from attribution.trak import (
+    TrainMarginOutput,
+    TrakScorer,
+    calibrate,
+    calibrate_from_sums,
+    calibration_sums,
+    default_projector,
+    trak_scores,
+)
 
 # Small fixtures: a tiny MLP on MNIST-1D; many subset models trained at once (each weight tensor stacked over
 # models on a leading axis), full-batch Adam on each model's own Bernoulli(0.5) subset (reference.md §1).
@@ -361,3 +372,109 @@ def test_calibrate_guards_ill_posed_fits():
     assert info["degenerate"].tolist() == [False, True, False]
     assert info["scale"][1] == 0.0 and np.all(weights[:, 1] == 0.0)
     np.testing.assert_allclose(info["intercept"][1], outputs[:, 1].mean())
+
+
+# Chunks of targets: one featurization, many experiments; sums per chunk, one scale from all of them
+def _check_chunks(tmp_path, device, n_checkpoints, proj_dim, n_train=200, d_in=10, hidden=16, n_classes=4,
+                  rtol=1e-5, atol=1e-6):
+    torch.manual_seed(3)
+    model = mlp(d_in, hidden, n_classes)
+    x, y = torch.randn(n_train, d_in), torch.randint(0, n_classes, (n_train,))
+    xt, yt = torch.randn(11, d_in), torch.randint(0, n_classes, (11,))
+    checkpoints = [mlp(d_in, hidden, n_classes).state_dict() for _ in range(n_checkpoints)]
+    kw = {"proj_dim": proj_dim, "lambda_reg": 1e-3, "device": device, "batch_size": 64}
+    whole = trak_scores(model, checkpoints, x, y, xt, yt, outputs="logits", **kw)
+    whole_margin = trak_scores(model, checkpoints, x, y, xt, yt, outputs="margin", **kw)
+    chunks = [slice(0, 4), slice(4, 9), slice(9, 11)]
+    with TrakScorer(model, checkpoints, x, y, save_dir=tmp_path / "features", **kw) as scorer:
+        for rows in chunks:
+            logits, margin = scorer.logit_and_margin_scores(xt[rows], yt[rows])
+            # TRAK is linear per target: a chunk is its slice of the whole, up to float rounding (on the CPU
+            # measured: the same bits)
+            np.testing.assert_allclose(logits, whole[:, rows], rtol=rtol, atol=atol * np.abs(whole).max())
+            np.testing.assert_allclose(margin, whole_margin[:, rows], rtol=rtol,
+                                       atol=atol * np.abs(whole_margin).max())
+            np.testing.assert_allclose(scorer.scores(xt[rows], yt[rows], outputs="margin"), margin,
+                                       rtol=rtol, atol=atol * np.abs(margin).max())
+            assert scorer.scores(xt[rows], outputs="logits").shape == (n_train, rows.stop - rows.start,
+                                                                       n_classes)
+        # every experiment's target gradients and scores are gone: disk holds only the features
+        features = tmp_path / "features"
+        left = sorted(str(p.relative_to(features)) for p in features.rglob("*.mmap"))
+        assert left == sorted(f"{m}/{f}.mmap" for m in range(n_checkpoints)
+                              for f in ("_is_featurized", "features", "out_to_loss"))
+        assert json.loads((features / "experiments.json").read_text()) == {}
+    assert (features / "metadata.json").exists()  # a given save_dir is kept
+
+
+@pytest.mark.parametrize("n_checkpoints, proj_dim", [(1, 16), (3, 150)])
+def test_scorer_chunks_equal_the_all_targets_scores(tmp_path, n_checkpoints, proj_dim):
+    # (1, 16): a single-block BasicProjector and one model_id, whose matrix traker never regenerates;
+    # (3, 150): two blocks regenerated per batch, and every experiment restarts at model_id 0.
+    _check_chunks(tmp_path, "cpu", n_checkpoints, proj_dim)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scorer_chunks_equal_the_all_targets_scores_on_cuda(tmp_path):
+    # the default CUDA projector at proj_dim 512 (fast_jl's where present); tolerance as the chain-rule check
+    _check_chunks(tmp_path, "cuda", 3, 512, n_train=600, d_in=40, hidden=32, n_classes=10, rtol=1e-4,
+                  atol=1e-5)
+
+
+def test_scorer_cleans_up_its_temporary_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    model = mlp(5, 4, 3)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    with TrakScorer(model, [model.state_dict()], x, y, proj_dim=8, device="cpu") as scorer:
+        assert os.listdir(tmp_path) != []
+        scorer.scores(x[:3], y[:3], outputs="margin")
+        with pytest.raises(ValueError, match=r"target_y must hold labels in \[0, 3\)"):
+            scorer.scores(x[:3], torch.tensor([0, 3, 1]), outputs="margin")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="num_classes=5"):  # a failed featurization leaves nothing either
+        TrakScorer(model, [model.state_dict()], x, y, proj_dim=8, num_classes=5, device="cpu")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("scale", ["global", "per_target"])
+@pytest.mark.parametrize("shape", [(60, 13, 3), (60, 13)])
+def test_calibrate_from_chunk_sums_equals_calibrate(scale, shape):
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=shape)
+    scores[:, 2] = 0.0  # a degenerate target output
+    m = 25
+    masks = rng.random((m, shape[0])) < 0.5
+    outputs = (rng.normal(size=shape[1:]) + 0.3 * np.einsum("mn,n...->m...", masks.astype(float), scores)
+               + rng.normal(size=(m, *shape[1:])))
+    weights, info = calibrate(scores, masks, outputs, scale=scale, min_models=3)
+    chunks = [slice(0, 5), slice(5, 6), slice(6, 13)]
+    sums = [calibration_sums(scores[:, c], masks, outputs[:, c]) for c in chunks]
+    s, b, r2, degenerate = calibrate_from_sums(sums, scale=scale, min_models=3)
+    for got, want in ((s, info["scale"]), (b, info["intercept"]), (r2, info["r2"])):
+        assert got.shape == shape[1:]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(degenerate, info["degenerate"])
+    assert degenerate[2].all() and not degenerate[3:].any()
+    # weights chunk by chunk: the one pooled scale times each chunk's scores
+    for c in chunks:
+        np.testing.assert_allclose(scores[:, c] * s[c], weights[:, c], rtol=1e-10, atol=1e-12)
+    # one chunk: exactly calibrate
+    one = calibrate_from_sums(calibration_sums(scores, masks, outputs), scale=scale, min_models=3)
+    np.testing.assert_array_equal(one[0], info["scale"])
+    np.testing.assert_array_equal(one[1], info["intercept"])
+
+
+def test_calibrate_from_sums_refuses_mixed_or_too_few_models():
+    rng = np.random.default_rng(5)
+    scores, masks = rng.normal(size=(20, 4)), rng.random((10, 20)) < 0.5
+    outputs = rng.normal(size=(10, 4))
+    a = calibration_sums(scores[:, :2], masks, outputs[:, :2])
+    b = calibration_sums(scores[:, 2:], masks[:6], outputs[:6, 2:])
+    with pytest.raises(ValueError, match="different numbers of models"):
+        calibrate_from_sums([a, b])
+    with pytest.raises(ValueError, match="'per_target' needs at least 20"):
+        calibrate_from_sums(a, scale="per_target")
+    with pytest.raises(ValueError, match="outputs must have shape"):
+        calibration_sums(scores, masks, outputs[:, :2])

@@ -113,7 +113,8 @@ def test_mismatched_model_counts_refused(tmp_path):
 
 
 def test_trak_stage_end_to_end_on_real_subset_models(tmp_path):
-    """Real subset models -> LASSO and TRAK stores in one schema; calibrated TRAK agrees in sign with LASSO."""
+    """Real subset models -> LASSO and TRAK stores in one schema (TRAK in 2 target chunks, its scratch arrays
+    gone once done); calibrated TRAK agrees in sign with LASSO."""
     cfg = small_config(tmp_path, n_models=128, block=32, keep_params=8)
     cfg = dataclasses.replace(cfg, datamodels=DatamodelsConfig(
         methods=("lasso", "trak"), n_val=32, n_lds=32, target_chunk=128, n_lambdas=8, trak_checkpoints=8,
@@ -124,6 +125,9 @@ def test_trak_stage_end_to_end_on_real_subset_models(tmp_path):
     trak = zarr.open_group(str(ctx.run_dir / "datamodels" / "trak.zarr"), mode="r")
     for name in ("weights", "bias", "lds", "margin_weights", "margin_lds"):
         assert trak[name].shape == lasso[name].shape
+    assert trak["done"].shape == (2,) and trak["done"][:].all()
+    gram = {"xtx_fit", "xtx_val", "x_sum_fit", "x_sum_val", "gram_done"}
+    assert set(trak.array_keys()) == set(lasso.array_keys()) - gram
     assert np.isfinite(trak["weights"][:]).all()
     a, b = lasso["margin_weights"][:].ravel(), trak["margin_weights"][:].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.1
