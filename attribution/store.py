@@ -36,30 +36,118 @@ class ArraySpec:
     shards: tuple[int, ...] | None = None
 
 
+LOCAL_PROTOCOLS = ("", "file", "local")
+# object stores whose first path component is a bucket (checked by `check_reachable`)
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+# what a cluster node needs in its environment to reach an object store (dmu never reads secrets from configs)
+OBJECT_STORE_ENV = ("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_DEFAULT_REGION, and "
+                    "AWS_ENDPOINT_URL for an S3-compatible server; GOOGLE_APPLICATION_CREDENTIALS for gs://")
+
+
 def as_path(path: str | Path) -> UPath:
     """A run directory or store as a path: local (`runs/demo`) or an object-store URL (`s3://bucket/runs/demo`,
-    `gs://...`, through fsspec; credentials and endpoint from the environment, as the cloud SDKs read them)."""
-    return path if isinstance(path, UPath) else UPath(path)
+    `gs://...`, through fsspec; credentials and endpoint from the environment, as the cloud SDKs read them:
+    OBJECT_STORE_ENV). An object store's directory listings are not cached: other processes (work units, other
+    runs) write the stores, so a cached listing could miss a store and `open_or_create` would make it again."""
+    if isinstance(path, UPath):
+        return path
+    upath = UPath(path)
+    if upath.protocol in BUCKET_PROTOCOLS:
+        upath = UPath(path, use_listings_cache=False)
+    return upath
+
+
+def is_local(path: str | Path) -> bool:
+    """Whether `path` is on the local (or a mounted, shared) filesystem rather than an fsspec URL."""
+    return as_path(path).protocol in LOCAL_PROTOCOLS
 
 
 def location(path: str | Path) -> str:
     """`path` as a string any process can open: an absolute local path, or the URL (for work units on other
     nodes, which need a shared filesystem or an object store)."""
     path = as_path(path)
-    return str(path.absolute()) if path.protocol in ("", "file", "local") else str(path)
+    return str(path.absolute()) if is_local(path) else str(path)
 
 
 def zarr_store(path: str | Path):
-    """What zarr.open_group takes for `path`: the local path, or an fsspec store for a URL."""
+    """What zarr.open_group takes for `path`: the local path, or an fsspec store for a URL (zarr needs an async
+    filesystem there: s3fs and gcsfs are)."""
     path = as_path(path)
-    if path.protocol in ("", "file", "local"):
+    if is_local(path):
         return str(path)
     return zarr.storage.FsspecStore.from_url(str(path), storage_options=dict(path.storage_options))
 
 
+def check_reachable(path: str | Path) -> None:
+    """For an object-store URL, that its bucket exists and answers with the credentials and endpoint in the
+    environment; else one StoreError line naming the URL and what to check. Local paths: nothing to check (a
+    bucket is never created: a typo in its name would otherwise start a run in a new bucket)."""
+    path = as_path(path)
+    if path.protocol not in BUCKET_PROTOCOLS:
+        return
+    bucket = path.path.strip("/").split("/")[0]
+    try:
+        path.fs.info(bucket)
+    except FileNotFoundError:
+        raise StoreError(f"object store {path}: bucket {bucket!r} does not exist (or these credentials cannot "
+                         f"see it): create it, or fix the URL; credentials and endpoint come from the environment "
+                         f"({OBJECT_STORE_ENV})") from None
+    except Exception as exc:  # noqa: BLE001 (botocore / aiohttp / gcsfs errors: connection, credentials, ...)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise StoreError(f"object store {path} is not reachable ({reason}): check the endpoint and credentials "
+                         f"in the environment ({OBJECT_STORE_ENV})") from None
+
+
+def make_dirs(path: str | Path) -> UPath:
+    """Create a local directory (and its parents); an object store has no directories, so there only check
+    that it is reachable (`check_reachable`)."""
+    path = as_path(path)
+    if is_local(path):
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        check_reachable(path)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new contents, never half: locally through a
+    temporary file renamed over it; on an object store one PUT of the whole object, which is atomic there (and
+    object stores have no atomic rename)."""
+    path = as_path(path)
+    if is_local(path):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    else:
+        with path.open("w") as f:
+            f.write(text)
+
+
+def find_stores(path: str | Path) -> list[UPath]:
+    """The Zarr stores (folders named *.zarr) under a run directory, sorted. On an object store, one listing per
+    folder, never descending into a store (a store holds one object per chunk)."""
+    path = as_path(path)
+    if is_local(path):
+        return sorted(path.glob("**/*.zarr"))
+    stores, folders = [], [path]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = folder.fs.ls(folder.path, detail=True)
+        except FileNotFoundError:  # nothing under that prefix (as a local glob of a missing folder)
+            entries = []
+        for entry in entries:
+            if entry["type"] != "directory":
+                continue
+            child = folder / entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            (stores if child.name.endswith(".zarr") else folders).append(child)
+    return sorted(stores, key=str)
+
+
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open a Zarr group at a local path or URL (mode as zarr: r, r+, w)."""
-    return zarr.open_group(zarr_store(path), mode=mode)
+    """Open a Zarr group at a local path or URL (mode as zarr: r, r+, w). Zarr format 3, the one dmu writes: no
+    probing for format 2's metadata files, which costs three requests per open on an object store."""
+    return zarr.open_group(zarr_store(path), mode=mode, zarr_format=3)
 
 
 def exists(path: str | Path) -> bool:

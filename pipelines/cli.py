@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from attribution.store import StoreError, summary
+from attribution.store import StoreError, as_path, check_reachable, exists, find_stores, summary
 from pipelines.config import ConfigError, load_config
 from pipelines.executor import UnitError
 from pipelines.tasks import DataError
@@ -37,8 +37,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    path = Path(args.path)
-    stores = [path] if (path / "zarr.json").exists() else sorted(path.glob("**/*.zarr"))
+    path = as_path(args.path)  # a local path or an object-store URL (s3://bucket/runs/demo)
+    check_reachable(path)
+    stores = [path] if exists(path) else find_stores(path)
     if not stores:
         raise StoreError(f"no Zarr store at or under {path}: pass a store (runs/demo/subsets.zarr) or a run dir")
     for store in stores:
@@ -64,7 +65,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     from pipelines.stages import load_run_config
     from pipelines.stages.unlearn import read_forget_ids, serve_request
 
-    run_dir = Path(args.run)
+    run_dir = as_path(args.run)  # the run may be on an object store; --out is a local file
     cfg = load_run_config(run_dir)
     res = serve_request(run_dir, cfg, read_forget_ids(Path(args.forget)), args.method, args.model, Path(args.out))
     print(f"{args.method} on full model {args.model}: {res['seconds']:.2f} s, {res['example_passes']:.0f} "
@@ -78,7 +79,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from pipelines.stages import RunContext, load_run_config, run_stages
 
-    run_dir = Path(args.run)
+    run_dir = as_path(args.run)
     ctx = RunContext(cfg=load_run_config(run_dir), run_dir=run_dir)
     run_stages(ctx, ["report"])
     print(f"report: {run_dir / 'report' / 'report.md'}")
@@ -93,16 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. pipelines/configs/demo.yaml")
     p.add_argument("--stages", help="comma-separated stages to run (default: the config's `stages`)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
+    p.add_argument("--run-dir", help="run directory, a local path or an object-store URL such as "
+                   "s3://bucket/runs/demo (default: the config's run_dir, else runs/<name>)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="what a store (or every store of a run dir) holds and how complete it is")
-    p.add_argument("path")
+    p.add_argument("path", help="a store or a run directory (local, or a URL such as s3://bucket/runs/demo)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("unlearn", help="serve one deletion request from a run's precomputed stores")
-    p.add_argument("--run", required=True, help="run directory, e.g. runs/demo")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/demo or s3://bucket/runs/demo")
     p.add_argument("--forget", required=True, help="file of training indices to forget (.npy, JSON, or text)")
     p.add_argument("--method", required=True, help="unlearning method, e.g. dm_matching")
     p.add_argument("--model", type=int, default=0, help="which full model to unlearn (default 0)")
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("report", help="(re)write a run's report: report.md, metrics.json, plots")
-    p.add_argument("run", help="run directory, e.g. runs/demo")
+    p.add_argument("run", help="run directory, e.g. runs/demo or s3://bucket/runs/demo")
     p.set_defaults(func=cmd_report)
 
     # `dmu linear ...` is dispatched to pipelines.linear.main before parsing (it has its own options)
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return linear_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:  # object-store clients log every session ("Found credentials in environment variables")
+        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "fsspec", "urllib3", "google"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args.func(args)
     except USER_ERRORS as exc:

@@ -13,9 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 
 class ConfigError(ValueError):
@@ -153,7 +156,8 @@ class RunConfig:
     name: str = "run"
     # the one seed that fixes every mask, model and result
     seed: int = 0
-    # where the stores go (None: runs/<name>)
+    # where the stores go (None: runs/<name>): a local path, or an object-store URL (s3://bucket/runs/demo; gs://
+    # with gcsfs) that every node of a cluster reaches, credentials and endpoint from the environment
     run_dir: str | None = None
     # stages run by `dmu run` when --stages is not given
     stages: tuple[str, ...] = ("subsets",)
@@ -165,8 +169,11 @@ class RunConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+    def resolved_run_dir(self) -> UPath:
+        """The run directory: a local path or an object-store URL (s3://bucket/runs/demo), as a UPath."""
+        from attribution.store import as_path
+
+        return as_path(self.run_dir if self.run_dir else Path("runs") / self.name)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -251,7 +251,9 @@ def plot_linear(result: dict, path) -> None:
                  f"{len(result['seeds'])} seeds", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from pipelines.report import save_figure  # a local path, or a run's report/ on an object store
+
+    save_figure(fig, path, dpi=120)
 
 
 def _table(result: dict) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.store import StoreError, open_store
+from attribution.store import StoreError, as_path, is_local, make_dirs, open_store, write_text
 from pipelines.config import UnlearnConfig
 from pipelines.stages.models import stored_oracle_rows
 from unlearning.klom import klom, klom_summary, margins, oracle_floor, shift_and_spread
@@ -34,17 +34,17 @@ ZERO_COST_X = 1e-4
 HEADLINE = "p95"
 
 
-def build_report(run_dir: Path, labels: np.ndarray, *, seed: int = 0, linear: dict | None = None) -> dict:
+def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, linear: dict | None = None) -> dict:
     """Evaluate every finished unlearned store of the run against its oracles, write the report, return the
     metrics (as written to metrics.json).
 
-    run_dir: the run directory; labels: (T,) integer labels of all targets (training examples, then test);
-    seed: seeds the oracle floor's random halves (when it falls back to them) and the MIA's subsampling and
-    folds; linear: the result of pipelines.linear.linear_experiment, plotted and summarised when given.
+    run_dir: the run directory (a local path or an object-store URL); labels: (T,) integer labels of all targets
+    (training examples, then test); seed: seeds the oracle floor's random halves (when it falls back to them)
+    and the MIA's subsampling and folds; linear: the result of pipelines.linear.linear_experiment, plotted and summarised when given.
     Writes run_dir/report/{report.md, metrics.json, klom_vs_cost.png, klom_distributions.png, lds_curve.png
     (when an LDS curve is stored), linear.png (when `linear` is given)}.
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     models = open_store(run_dir / "models.zarr", "models")
     info = _run_info(models)
     labels = _check_labels(labels, info)
@@ -60,8 +60,7 @@ def build_report(run_dir: Path, labels: np.ndarray, *, seed: int = 0, linear: di
     if linear is not None:
         metrics["linear"] = _linear_summary(linear)
 
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(run_dir / "report")
     plots = {}
     if forget_sets:
         plot_klom_vs_cost(metrics, out / "klom_vs_cost.png")
@@ -79,8 +78,8 @@ def build_report(run_dir: Path, labels: np.ndarray, *, seed: int = 0, linear: di
         plot_linear(linear, out / "linear.png")
         plots["Linear model (seed Figure 3)"] = "linear.png"
     metrics = _json_safe(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "report.md").write_text(render_markdown(metrics, plots))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_text(out / "report.md", render_markdown(metrics, plots))
     return metrics
 
 
@@ -427,6 +426,17 @@ def _figure(n_panels: int, panel_size=(5.0, 3.8), ncols_max: int = 3, extra_widt
     return fig, axes[:n_panels]
 
 
+def save_figure(fig, path, **kwargs) -> None:
+    """fig.savefig to a local path, or to an object-store URL through a file object (PNG unless the name says
+    otherwise)."""
+    path = as_path(path)
+    if is_local(path):
+        fig.savefig(path, **kwargs)
+        return
+    with path.open("wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
 def _colors(metrics: dict) -> dict[str, tuple]:
     """One colour per method, the same in every panel and plot."""
     from matplotlib import colormaps
@@ -485,7 +495,7 @@ def plot_klom_vs_cost(metrics: dict, path) -> None:
     if any_zero:
         title += f"  (zero-cost methods drawn at x = {ZERO_COST_X:g})"
     fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
@@ -511,7 +521,7 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(f"KLOM on the forget points, K = {metrics['k']} models per side (whiskers: 5th-95th pct)",
                  fontsize=11)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_lds_curve(datamodels: dict, path) -> None:
@@ -534,4 +544,4 @@ def plot_lds_curve(datamodels: dict, path) -> None:
     ax.set_title("Linear datamodeling score against estimation budget", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)

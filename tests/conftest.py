@@ -1,8 +1,11 @@
-"""Shared fixtures: a real local Ray instance (session-wide), small configs on the embedded MNIST-1D task."""
+"""Shared fixtures: a real local Ray instance (session-wide), a local S3-compatible server, small configs on the
+embedded MNIST-1D task."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 
 import pytest
 import torch
@@ -49,6 +52,45 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     cluster.shutdown()
+
+
+S3_BUCKET = "dmu-test"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3-compatible server for the module's tests: moto's standalone server on 127.0.0.1 (as s3fs's
+    own tests use), with the bucket S3_BUCKET. While the module runs, the environment holds what a cluster node
+    would: fake credentials, region and endpoint in the AWS variables (and no profile or other endpoint that
+    could point elsewhere); restored afterwards. Yields {"endpoint_url", "bucket", "env"}.
+
+    fsspec caches filesystem instances (with their endpoint) per process: a test that changes the environment
+    clears `s3fs.S3FileSystem`'s instance cache before and after."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+                        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+                mp.delenv(key, raising=False)
+            for key, value in env.items():
+                mp.setenv(key, value)
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
+            yield {"endpoint_url": endpoint, "bucket": S3_BUCKET, "env": env}
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.stop()
 
 
 def small_config(tmp_path, *, kind: str = "serial", n_models: int = 12, block: int = 4, epochs: int = 15,

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
+from upath import UPath
 
+from attribution.store import as_path, check_reachable, make_dirs, write_text
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.executor import Executor, make_executor
 from pipelines.tasks import Task, TaskData, get_task
@@ -26,13 +28,19 @@ log = logging.getLogger("dmu")
 
 @dataclass
 class RunContext:
-    """What every stage needs: the config, the run directory, the task and its data, the executor."""
+    """What every stage needs: the config, the run directory, the task and its data, the executor.
+
+    run_dir: a local path or an object-store URL (s3://bucket/runs/demo), as `attribution.store.as_path` reads
+    it; stages join paths under it and open their stores through attribution.store, so both work."""
 
     cfg: RunConfig
-    run_dir: Path
+    run_dir: UPath
     address: str | None = None
     data_dir: Path | None = None
     _executor: Executor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = as_path(self.run_dir)
 
     @cached_property
     def task(self) -> Task:
@@ -88,19 +96,21 @@ def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; known, in order: {', '.join(known)}")
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(ctx.run_dir)  # an object store: checks that its bucket answers (one clear error if not)
     # the run's config, for `dmu unlearn` / `dmu report` (each store also keeps the part it depends on)
-    (ctx.run_dir / "config.json").write_text(json.dumps(to_dict(ctx.cfg), indent=2))
+    write_text(ctx.run_dir / "config.json", json.dumps(to_dict(ctx.cfg), indent=2))
     for name in stages:
         log.info("stage %s", name)
         known[name](ctx)
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The config a run was made with (runs/<name>/config.json)."""
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The config a run was made with (runs/<name>/config.json; the run directory may be an object-store URL)."""
     from pipelines.config import from_dict
 
-    path = Path(run_dir) / "config.json"
+    run_dir = as_path(run_dir)
+    check_reachable(run_dir)
+    path = run_dir / "config.json"
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json): run `dmu run CONFIG` first")
     return dataclasses.replace(from_dict(RunConfig, json.loads(path.read_text())), run_dir=str(run_dir))

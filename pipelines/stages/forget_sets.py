@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from upath import UPath
 
 from attribution.masks import model_rng
-from attribution.store import StoreError, diff_keys, normalise_config, open_store
+from attribution.store import StoreError, as_path, diff_keys, normalise_config, open_store, write_text
 from pipelines.config import RunConfig, to_dict
 from pipelines.stages import RunContext
 
@@ -187,11 +188,12 @@ def build(ctx: RunContext) -> dict[str, dict]:
             for name, s in sets.items()}
 
 
-def path(run_dir: Path) -> Path:
-    return Path(run_dir) / "forget_sets.json"
+def path(run_dir: str | Path) -> UPath:
+    """runs/<name>/forget_sets.json (the run directory may be an object-store URL)."""
+    return as_path(run_dir) / "forget_sets.json"
 
 
-def load(run_dir: Path) -> dict[str, np.ndarray]:
+def load(run_dir: str | Path) -> dict[str, np.ndarray]:
     p = path(run_dir)
     if not p.exists():
         raise StoreError(f"no forget sets at {p}: run the forget_sets stage first (dmu run CONFIG)")
@@ -209,7 +211,5 @@ def run(ctx: RunContext) -> None:
         log.info("forget sets: %s (already built)", ", ".join(stored["sets"]))
         return
     sets = build(ctx)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": config, "sets": sets}, indent=1))
-    tmp.replace(p)
+    write_text(p, json.dumps({"config": config, "sets": sets}, indent=1))  # locally: a temporary file renamed
     log.info("forget sets: %s", ", ".join(f"{k} ({v['size']})" for k, v in sets.items()))

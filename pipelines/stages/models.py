@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, open_or_create, open_store
+from attribution.store import ArraySpec, as_path, open_or_create, open_store
 from pipelines.config import RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -117,7 +117,8 @@ def run(ctx: RunContext) -> None:
 
 
 def open_models(run_dir) -> zarr.Group:
-    return open_store(run_dir / "models.zarr", KIND)
+    """models.zarr of a run (a local path or an object-store URL), read-only."""
+    return open_store(as_path(run_dir) / "models.zarr", KIND)
 
 
 def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:

@@ -16,7 +16,7 @@ import torch
 import zarr
 from torch import nn
 
-from attribution.store import ArraySpec, StoreError, open_or_create, open_store
+from attribution.store import ArraySpec, StoreError, as_path, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -51,9 +51,9 @@ def method_seed(seed: int, model: int, forget_set: str, method: str) -> int:
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def datamodel_rows(run_dir: Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
+def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
     """The forget rows (|F|, T, C) of the datamodel weight store, checked against the task."""
-    store = open_store(Path(run_dir) / "datamodels" / f"{datamodel}.zarr", "datamodels")
+    store = open_store(as_path(run_dir) / "datamodels" / f"{datamodel}.zarr", "datamodels")
     weights = store["weights"]
     if tuple(weights.shape) != (data.n_train, data.n_targets, data.num_classes):
         raise StoreError(f"datamodel store {datamodel}.zarr has weights {tuple(weights.shape)} but the task has "
@@ -196,10 +196,11 @@ def read_forget_ids(path: Path) -> np.ndarray:
     return np.asarray(ids)
 
 
-def serve_request(run_dir: Path, cfg: RunConfig, forget_ids: np.ndarray, method: str, model_index: int,
+def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, method: str, model_index: int,
                   out: Path, *, hparams: dict | None = None) -> dict:
     """One deletion request from the precomputed stores: unlearn full model `model_index`, write the checkpoint
-    (or, for DM-Direct, the predicted logits), and return accuracies before and after."""
+    (or, for DM-Direct, the predicted logits), and return accuracies before and after. `run_dir` may be an
+    object-store URL; `out` is a local file."""
     from unlearning.base import check_forget_idx
     from unlearning.metrics import accuracy
 
