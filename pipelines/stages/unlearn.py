@@ -16,7 +16,7 @@ import torch
 import zarr
 from torch import nn
 
-from attribution.store import ArraySpec, StoreError, as_path, open_or_create, open_store
+from attribution.store import ArraySpec, StoreError, as_path, location, open_group, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -51,9 +51,10 @@ def method_seed(seed: int, model: int, forget_set: str, method: str) -> int:
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
-    """The forget rows (|F|, T, C) of the datamodel weight store, checked against the task."""
-    store = open_store(as_path(run_dir) / "datamodels" / f"{datamodel}.zarr", "datamodels")
+def datamodel_store(run_dir: str | Path, datamodel: str, data: TaskData) -> str:
+    """The location of the datamodel weight store, checked against the task (complete, same N, T, C, dataset)."""
+    path = as_path(run_dir) / "datamodels" / f"{datamodel}.zarr"
+    store = open_store(path, "datamodels")
     weights = store["weights"]
     if tuple(weights.shape) != (data.n_train, data.n_targets, data.num_classes):
         raise StoreError(f"datamodel store {datamodel}.zarr has weights {tuple(weights.shape)} but the task has "
@@ -66,7 +67,19 @@ def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, 
     if fp is not None and fp != data.fingerprint():
         raise StoreError(f"datamodel store {datamodel}.zarr was fit on another dataset (fingerprint {fp}): "
                          "recompute it for this task")
-    return np.asarray(weights.get_orthogonal_selection((np.sort(forget_idx), slice(None), slice(None))))
+    return location(path)
+
+
+def read_datamodel_rows(store: str, forget_idx: np.ndarray) -> np.ndarray:
+    """The forget rows (|F|, T, C) float32 of a datamodel store (only the row chunks that hold them are read)."""
+    weights = open_group(store)["weights"]
+    return np.asarray(weights.get_orthogonal_selection((np.sort(forget_idx), slice(None), slice(None))),
+                      dtype=np.float32)
+
+
+def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
+    """The forget rows (|F|, T, C) of the datamodel weight store, checked against the task."""
+    return read_datamodel_rows(datamodel_store(run_dir, datamodel, data), forget_idx)
 
 
 def unlearn_model(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
@@ -94,16 +107,22 @@ def method_inputs(method: str, k: int, *, full_logits: np.ndarray, oracle_mean: 
 
 
 def unlearn_block(unit: tuple[str, str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                  forget_sets: dict, full_params: np.ndarray, full_logits: np.ndarray, oracle_means: dict,
-                  weight_rows: dict, hparams: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Work unit: one method on full models start..stop-1 for one forget set."""
+                  forget_sets: dict, models: str, oracle_means: dict, datamodels: str | None,
+                  hparams: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work unit: one method on full models start..stop-1 for one forget set. It reads its own full models' rows
+    from models.zarr and, for the datamodel methods, its forget set's rows of the datamodel store, so no process
+    holds every model or every forget set's rows (both stores at their locations, see `location`)."""
     fs, method, start, stop = unit
     task, device = get_task(task_cfg), default_device()
+    full = open_group(models)["full"]
+    full_params = np.asarray(full["params"][start:stop])
+    full_logits = np.asarray(full["logits"][start:stop])
+    weight_rows = read_datamodel_rows(datamodels, forget_sets[fs]) if method in DATAMODEL_METHODS else None
     logits, seconds, passes = [], [], []
-    for k in range(start, stop):
-        inputs = method_inputs(method, k, full_logits=full_logits, oracle_mean=oracle_means.get(fs),
-                               weight_rows=weight_rows.get(fs), n_train=data.n_train)
-        _, lg, sec, p, _ = unlearn_model(task, data, full_params[k], method, forget_sets[fs],
+    for i, k in enumerate(range(start, stop)):
+        inputs = method_inputs(method, i, full_logits=full_logits, oracle_mean=oracle_means.get(fs),
+                               weight_rows=weight_rows, n_train=data.n_train)
+        _, lg, sec, p, _ = unlearn_model(task, data, full_params[i], method, forget_sets[fs],
                                          seed=method_seed(seed, k, fs, method), hparams=hparams.get(method, {}),
                                          inputs=inputs, device=device)
         logits.append(lg)
@@ -157,10 +176,8 @@ def run(ctx: RunContext) -> None:
                                  "models stage first")
     shared = {
         "task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets,
-        "full_params": models["full/params"][:k], "full_logits": models["full/logits"][:k],
-        "oracle_means": oracle_means if needs_om else {},
-        "weight_rows": {fs: datamodel_rows(ctx.run_dir, cfg.unlearn.datamodel, idx, data) for fs, idx in sets.items()}
-        if needs_dm else {},
+        "models": location(ctx.run_dir / "models.zarr"), "oracle_means": oracle_means if needs_om else {},
+        "datamodels": datamodel_store(ctx.run_dir, cfg.unlearn.datamodel, data) if needs_dm else None,
         "hparams": cfg.unlearn.hparams,
     }
     total = len(sets) * len(cfg.unlearn.methods) * k
