@@ -1,7 +1,8 @@
 """The `dmu` command: run the pipeline's stages, inspect stores, serve deletion requests, report.
 
 Bad input ends with one line on stderr naming the problem and what to do, and exit status 2; nothing already
-computed is lost (stores are written chunk by chunk, done flags last).
+computed is lost (stores are written chunk by chunk, done flags last). `dmu run` holds its run directory's lock
+(pipelines.stages.RunLock) while it runs, and treats SIGTERM as Ctrl-C: one line, exit 143, finished work kept.
 """
 
 from __future__ import annotations
@@ -10,29 +11,48 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from attribution.store import StoreError, as_path, check_reachable, exists, find_stores, summary
 from pipelines.config import ConfigError, load_config
-from pipelines.executor import UnitError
+from pipelines.executor import ClusterError, UnitError
 from pipelines.tasks import DataError
 
-USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, FileNotFoundError)
+USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, ClusterError, FileNotFoundError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (pending units cancelled, the
+    lock released, finished units kept in the stores)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from pipelines.stages import RunContext, run_stages
+    from pipelines.stages import RunContext, RunLock, run_stages
 
     cfg = load_config(args.config)
     if args.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
     stages = args.stages.split(",") if args.stages else list(cfg.stages)
     ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir(), address=args.address)
+    # signal handlers can only be set from the main thread (an embedding caller may run us elsewhere)
+    previous = (signal.signal(signal.SIGTERM, _raise_terminated)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
-        run_stages(ctx, stages)
+        with RunLock(ctx.run_dir):
+            try:
+                run_stages(ctx, stages)
+            finally:
+                ctx.close()
     finally:
-        ctx.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"done: {', '.join(stages)} -> {ctx.run_dir}")
 
 
@@ -136,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"dmu: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dmu: interrupted; finished work is saved in the stores: rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"dmu: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished work is saved in the "
+              "stores: rerun the same command to resume", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

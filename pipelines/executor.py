@@ -3,11 +3,19 @@
 `RayExecutor` is the real one: a local Ray instance, or a cluster named by --address / RAY_ADDRESS. `SerialExecutor`
 runs units in-process, for unit tests and debugging. Both call `fn(unit, **shared)` with the same torch thread count,
 so a unit returns the same numbers on either. Units return arrays; only the driver writes stores.
+
+Joining a cluster fails within about a minute with one ClusterError line (`connect_ray`): ray.init blocks in C++
+retrying the GCS forever when nothing (or something that is not Ray) answers at the address, and ignores SIGTERM
+meanwhile.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -20,6 +28,73 @@ from pipelines.config import ExecutorConfig
 
 class UnitError(RuntimeError):
     """A work unit failed after its retries; finished units are kept, a rerun resumes."""
+
+
+class ClusterError(ConnectionError):
+    """The Ray cluster named by --address / RAY_ADDRESS cannot be joined; the message names it and what to check."""
+
+
+# How long joining a cluster may take: the TCP probe of the head's address, then ray.init as a whole.
+PROBE_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 60.0
+# Called (no arguments) before the process exits from a ray.init that hangs past CONNECT_TIMEOUT_S, where no
+# finally block can run: `dmu run` registers its run-directory lock's release here.
+EXIT_HOOKS: list[Callable[[], None]] = []
+
+
+def cluster_hint(address: str) -> str:
+    return (f"is a Ray head running there (`ray status` on that machine), and is {address} its GCS address "
+            f"(host:port, port 6379 by default)? check --address and RAY_ADDRESS")
+
+
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Check that something accepts TCP connections at a cluster address (host:port, or ray://host:port) before
+    ray.init, which would otherwise retry for ever; ClusterError if not. "auto" / "local" / a bare name without a
+    port are left to Ray."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = type(exc).__name__ if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({reason}): {cluster_hint(address)}") from None
+
+
+def connect_ray(ray: Any, address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """ray.init(address=...) bounded in time: probe the address, then join; if ray.init has not returned after
+    `timeout` seconds (something that is not a Ray head answers there), print one line, run EXIT_HOOKS and exit
+    the process with status 2 (ray.init cannot be interrupted from Python while it waits)."""
+    probe_address(address)
+
+    def give_up() -> None:
+        print(f"dmu: error: no Ray cluster answered at {address} within {timeout:.0f} s: {cluster_hint(address)}",
+              file=sys.stderr, flush=True)
+        for hook in EXIT_HOOKS.copy():  # a hook may remove itself from the list
+            try:
+                hook()
+            except Exception:  # noqa: BLE001, S110 (exiting anyway: a failed cleanup must not stop the exit)
+                pass
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        # Ray reads RAY_ADDRESS over the address it is given: make --address win, as documented
+        previous = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = address
+        try:
+            ray.init(address=address, log_to_driver=True)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = previous
+    finally:
+        watchdog.cancel()
 
 
 class Executor(ABC):
@@ -106,12 +181,18 @@ class RayExecutor(Executor):
         address = address or os.environ.get("RAY_ADDRESS")
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
+            main_thread = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
             if address:
-                ray.init(address=address, log_to_driver=True)
+                connect_ray(ray, address)
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: silence the 2.60 token warning
                 ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
                          configure_logging=False)
+            # ray.init replaces the SIGTERM handler with one that exits at once; keep the caller's (`dmu run`
+            # turns SIGTERM into Ctrl-C, whose unwinding cancels pending units and shuts Ray down in close())
+            if callable(sigterm):
+                signal.signal(signal.SIGTERM, sigterm)
         resources = ray.cluster_resources()
         if cfg.gpus_per_unit is None:
             self.gpus_per_unit = 1.0 if resources.get("GPU", 0) > 0 else 0.0
