@@ -91,8 +91,9 @@ def run(ctx: RunContext) -> None:
     for name, (_, segments, _) in plans.items():
         n = segments[-1][1]
         arrays[f"{name}/logits"] = ArraySpec((n, data.n_targets, data.num_classes), "float32",
-                                             (block, data.n_targets, data.num_classes), float("nan"))
-        arrays[f"{name}/params"] = ArraySpec((n, n_params), "float32", (block, n_params), float("nan"))
+                                             (block, data.n_targets, data.num_classes), float("nan"), compressed=False)
+        arrays[f"{name}/params"] = ArraySpec((n, n_params), "float32", (block, n_params), float("nan"),
+                                             compressed=False)
         arrays[f"{name}/seconds"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/done"] = ArraySpec((n,), "bool", (block,), False)
     group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=models_config(cfg, sets),

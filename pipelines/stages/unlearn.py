@@ -151,7 +151,7 @@ def run(ctx: RunContext) -> None:
     for fs, idx in sets.items():
         for method in cfg.unlearn.methods:
             arrays = {"logits": ArraySpec((k, data.n_targets, data.num_classes), "float32",
-                                          (block, data.n_targets, data.num_classes), float("nan")),
+                                          (block, data.n_targets, data.num_classes), float("nan"), compressed=False),
                       "seconds": ArraySpec((k,), "float64", (block,), float("nan")),
                       "example_passes": ArraySpec((k,), "float64", (block,), float("nan")),
                       "done": ArraySpec((k,), "bool", (block,), False)}
