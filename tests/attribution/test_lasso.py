@@ -191,3 +191,29 @@ def test_lasso_datamodels_on_cuda_equals_cpu():
     np.testing.assert_array_equal(gpu.lambda_index_, cpu.lambda_index_)
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-6)
     np.testing.assert_allclose(gpu.intercept_, cpu.intercept_, atol=1e-6)
+
+
+def test_shared_mask_gram_gives_the_same_fit_and_matches_sklearn():
+    """The datamodels stage computes XᵀX once (in row blocks, kept in a zarr array) and every target chunk reads
+    it: the fit equals the one that builds its own Gram matrix and still solves scikit-learn's objective."""
+    import zarr
+
+    from attribution.lasso import MaskGram
+
+    X_all, Y_all, _, _ = datamodel_problem(400, 40, 6, seed=5)
+    X, Y, X_val, Y_val = X_all[:300], Y_all[:300], X_all[300:], Y_all[300:]
+    # XᵀX in two blocks of rows, written into a zarr array and read back lazily (as the stage does)
+    xtx = zarr.create_array(store={}, shape=(40, 40), chunks=(16, 40), dtype="float32")
+    for rows in (slice(0, 25), slice(25, 40)):
+        xtx[rows] = MaskGram.from_masks(X, rows=rows).xtx
+    gram = MaskGram(xtx, MaskGram.from_masks(X).x_sum, len(X))
+    np.testing.assert_array_equal(xtx[:], (X.T.astype(np.int64) @ X).astype(np.float32))  # exact counts
+    own = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12).fit(X, Y, X_val, Y_val)
+    shared = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12).fit(
+        X, Y, X_val, Y_val, gram=gram, gram_val=MaskGram.from_masks(X_val))
+    np.testing.assert_array_equal(shared.lambda_index_, own.lambda_index_)
+    np.testing.assert_allclose(shared.coef_, own.coef_, atol=1e-9)
+    assert_matches_sklearn(np.concatenate([X, X_val]), np.concatenate([Y, Y_val]), shared.coef_,
+                           shared.intercept_, shared.lambda_, rel_gap=1e-8, coef_atol=1e-6)
+    with pytest.raises(ValueError, match="MaskGram of these very masks"):
+        LassoDatamodels().fit(X, Y, X_val, Y_val, gram=MaskGram.from_masks(X_val), gram_val=gram)

@@ -139,3 +139,41 @@ def test_trak_needs_kept_checkpoints(tmp_path):
     ctx, *_ = planted_run(tmp_path, datamodels=DatamodelsConfig(methods=("trak",), n_val=32, n_lds=32))
     with pytest.raises(ConfigError, match="keep_params"):
         run_stages(ctx, ["datamodels"])
+
+
+def test_units_read_only_their_own_targets_and_weights_in_float16(tmp_path, monkeypatch):
+    """Bounded memory: every read of subset logits by a work unit covers at most one target chunk (the whole
+    (M, T, C) array is never read); float16 weights are the float32 fit rounded once."""
+    from pipelines.stages.datamodel_io import SubsetSource
+
+    reads = []
+    original = SubsetSource.logits
+
+    def spy(self, rows, targets):
+        reads.append(targets)
+        return original(self, rows, targets)
+
+    monkeypatch.setattr(SubsetSource, "logits", spy)
+    config = dict(n_val=32, n_lds=32, target_chunk=64, n_lambdas=8)
+    ctx16, *_ = planted_run(tmp_path / "f16", datamodels=DatamodelsConfig(**config, weights_dtype="float16"))
+    run_stages(ctx16, ["datamodels"])
+    n_targets = ctx16.data.n_targets
+    assert len(reads) == -(-n_targets // 64)  # one read per target chunk
+    assert all(t.stop - t.start <= 64 for t in reads)
+    ctx32, *_ = planted_run(tmp_path / "f32", datamodels=DatamodelsConfig(**config))
+    run_stages(ctx32, ["datamodels"])
+    w16 = zarr.open_group(str(ctx16.run_dir / "datamodels" / "lasso.zarr"), mode="r")["weights"]
+    w32 = zarr.open_group(str(ctx32.run_dir / "datamodels" / "lasso.zarr"), mode="r")["weights"][:]
+    assert w16.dtype == np.float16
+    np.testing.assert_array_equal(w16[:], w32.astype(np.float16))
+
+
+def test_float16_logits_are_stored_half_and_read_as_float32(tmp_path):
+    group = subsets_store.create_store(
+        tmp_path / "subsets.zarr", n_models=4, n_train=10, n_targets=300, n_classes=C, alpha=0.5, seed=0,
+        block_size=2, keep_params=0, n_params=1, config={"t": 1}, attrs={}, logits_dtype="float16")
+    logits = np.random.default_rng(0).normal(0, 10, (2, 300, C)).astype(np.float32)
+    subsets_store.write_block(group, 0, logits, None)
+    assert group["logits"].dtype == np.float16 and group["logits"].shards == (2, 384, C)
+    assert group["logits"].chunks == (2, 128, C)  # read by 128 targets, written by whole shards
+    np.testing.assert_array_equal(group["logits"][:2], logits.astype(np.float16))
