@@ -19,7 +19,7 @@ import zarr
 from tqdm import tqdm
 
 from attribution.masks import sample_masks
-from attribution.store import ArraySpec, done_rows, exists, open_or_create
+from attribution.store import ArraySpec, done_rows, open_or_create
 
 KIND = "subsets"
 # Targets per inner chunk of `logits`: the unit of reading for the datamodels stage (whose target chunks should be
@@ -36,24 +36,28 @@ class Executor(Protocol):
 def create_store(path: str | Path, *, n_models: int, n_train: int, n_targets: int, n_classes: int, alpha: float,
                  seed: int, block_size: int, keep_params: int, n_params: int, config: dict,
                  attrs: dict, logits_dtype: str = "float32") -> zarr.Group:
-    """Open or create subsets.zarr; a new store gets its masks written at once (they are a function of the seed)."""
+    """Open or create subsets.zarr; a new store gets its masks written as part of its creation (they are a function
+    of the seed), before the store is declared."""
     if logits_dtype not in LOGIT_DTYPES:
         raise ValueError(f"logits_dtype must be one of {LOGIT_DTYPES}, got {logits_dtype!r}")
     inner = min(TARGET_CHUNK, n_targets)
     arrays = {
         "masks": ArraySpec((n_models, n_train), "bool", (block_size, n_train), False),
         "logits": ArraySpec((n_models, n_targets, n_classes), logits_dtype, (block_size, inner, n_classes),
-                            float("nan"), shards=(block_size, -(-n_targets // inner) * inner, n_classes)),
+                            float("nan"), shards=(block_size, -(-n_targets // inner) * inner, n_classes),
+                            compressed=False),
         "done": ArraySpec((n_models,), "bool", (block_size,), False),
     }
     if keep_params:
         arrays["params"] = ArraySpec((keep_params, n_params), "float32", (block_size, n_params), float("nan"))
-    is_new = not exists(path)
-    group = open_or_create(path, arrays, kind=KIND, config=config,
-                           attrs={**attrs, "alpha": alpha, "seed": seed, "block_size": block_size})
-    if is_new:
+
+    def write_masks(group: zarr.Group) -> None:
+        # part of the creation: the store is declared only after its masks are written, so a crash here never
+        # leaves all-False masks under a matching config (open_or_create redoes the creation)
         group["masks"][:] = sample_masks(n_models, n_train, alpha, seed)
-    return group
+
+    return open_or_create(path, arrays, kind=KIND, config=config, initialise=write_masks,
+                          attrs={**attrs, "alpha": alpha, "seed": seed, "block_size": block_size})
 
 
 def pending_blocks(group: zarr.Group) -> list[tuple[int, int]]:

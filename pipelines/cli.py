@@ -70,6 +70,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{info['path']}  [{info['kind']}]")
         for name, a in info["arrays"].items():
             print(f"  {name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+        print(f"  on disk: {info['bytes_on_disk'] / 2**20:.1f} MiB ({info.get('bytes_uncompressed', 0) / 2**20:.1f} "
+              "MiB of arrays uncompressed)")
         for part, (done, total) in info["completion"].items():
             where = "" if part == "." else f" {part}"
             print(f"  complete{where}: {done}/{total} rows ({100.0 * done / max(1, total):.1f}%)")

@@ -34,9 +34,10 @@ class ClusterError(ConnectionError):
     """The Ray cluster named by --address / RAY_ADDRESS cannot be joined; the message names it and what to check."""
 
 
-# How long joining a cluster may take: the TCP probe of the head's address, then ray.init as a whole.
+# How long joining a cluster may take: the TCP probe of the head's address; the probe and ray.init together
+# (under a minute from the start of `dmu run`, with its imports and data loading).
 PROBE_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = float(os.environ.get("DMU_CONNECT_TIMEOUT_S", "45"))  # a slow cluster may need more
 # Called (no arguments) before the process exits from a ray.init that hangs past CONNECT_TIMEOUT_S, where no
 # finally block can run: `dmu run` registers its run-directory lock's release here.
 EXIT_HOOKS: list[Callable[[], None]] = []
@@ -44,7 +45,7 @@ EXIT_HOOKS: list[Callable[[], None]] = []
 
 def cluster_hint(address: str) -> str:
     return (f"is a Ray head running there (`ray status` on that machine), and is {address} its GCS address "
-            f"(host:port, port 6379 by default)? check --address and RAY_ADDRESS")
+            f"(host:port, port 6379 by default; ray://host:10001 for Ray Client)? check --address and RAY_ADDRESS")
 
 
 def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
@@ -64,10 +65,9 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 
 def connect_ray(ray: Any, address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """ray.init(address=...) bounded in time: probe the address, then join; if ray.init has not returned after
+    """ray.init(address=...) bounded in time: probe the address, then join; if that has not returned after
     `timeout` seconds (something that is not a Ray head answers there), print one line, run EXIT_HOOKS and exit
     the process with status 2 (ray.init cannot be interrupted from Python while it waits)."""
-    probe_address(address)
 
     def give_up() -> None:
         print(f"dmu: error: no Ray cluster answered at {address} within {timeout:.0f} s: {cluster_hint(address)}",
@@ -77,22 +77,15 @@ def connect_ray(ray: Any, address: str, timeout: float = CONNECT_TIMEOUT_S) -> N
                 hook()
             except Exception:  # noqa: BLE001, S110 (exiting anyway: a failed cleanup must not stop the exit)
                 pass
+        sys.stdout.flush()  # os._exit skips the interpreter's flushing
         os._exit(2)
 
     watchdog = threading.Timer(timeout, give_up)
     watchdog.daemon = True
     watchdog.start()
     try:
-        # Ray reads RAY_ADDRESS over the address it is given: make --address win, as documented
-        previous = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = address
-        try:
-            ray.init(address=address, log_to_driver=True)
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_ADDRESS", None)
-            else:
-                os.environ["RAY_ADDRESS"] = previous
+        probe_address(address)
+        ray.init(address=address, log_to_driver=True)
     finally:
         watchdog.cancel()
 

@@ -37,6 +37,14 @@ from torch import nn
 FORWARD_PASS = 1.0 / 3.0
 
 
+def as_tensor(value: Any, **kwargs: Any) -> torch.Tensor:
+    """torch.as_tensor, copying a read-only numpy array first (arrays from Ray's object store and zarr reads often
+    are): torch cannot share memory it may not write, and warns "The given NumPy array is not writable"."""
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        value = np.array(value)
+    return torch.as_tensor(value, **kwargs)
+
+
 @dataclass(frozen=True)
 class Cost:
     """What an unlearning run cost: wall-clock seconds and example passes (1 = forward + backward of one
@@ -71,8 +79,8 @@ class UnlearnData:
     y: torch.Tensor
 
     def __post_init__(self) -> None:
-        x = torch.as_tensor(self.x)
-        y = torch.as_tensor(self.y)
+        x = as_tensor(self.x)
+        y = as_tensor(self.y)
         if x.ndim < 1 or y.ndim != 1:
             raise ValueError(
                 f"UnlearnData needs x of shape (N, ...) and y of shape (N,); got x {tuple(x.shape)}, "
@@ -93,7 +101,7 @@ class UnlearnData:
 
     def subset(self, idx: torch.Tensor) -> UnlearnData:
         """The examples at `idx` (a 1-D index tensor), in that order."""
-        idx = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
+        idx = as_tensor(idx, dtype=torch.int64, device=self.x.device)
         return UnlearnData(self.x[idx], self.y[idx.to(self.y.device)])
 
 
@@ -239,7 +247,7 @@ def predict_logits(
 def as_float_tensor(name: str, value: Any, shape: tuple, device: torch.device) -> torch.Tensor:
     """Turn an input array (numpy or tensor) into a float32 tensor on `device`, checking its shape (None =
     any) and that every entry is finite."""
-    t = torch.as_tensor(value)
+    t = as_tensor(value)
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a numeric array, got dtype {t.dtype}.")
     if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):

@@ -19,6 +19,7 @@ from unlearning.base import (
     FORWARD_PASS,
     UnlearnRequest,
     as_float_tensor,
+    as_tensor,
     copy_model,
     predict_logits,
     unlearning_method,
@@ -67,7 +68,7 @@ class DatamodelDirectHyperparameters:
 def _summed_forget_weights(datamodel_weights: Any, n_forget: int, device: torch.device) -> torch.Tensor:
     """Σ_{i∈F} w_i (T, C), summed in float64 so that many small weights do not lose precision; returned as
     float32."""
-    w = torch.as_tensor(datamodel_weights)
+    w = as_tensor(datamodel_weights)
     if w.ndim != 3 or w.shape[0] != n_forget:
         raise ValueError(
             f"datamodel_weights must have shape (|F|, T, C) = ({n_forget}, T, C), the weight-store rows of "
@@ -157,7 +158,7 @@ def dm_matching(
         passes += FORWARD_PASS * n_train
     else:
         original = _original_logits(original_logits, n_train, req.device)[:n_train]
-    weights = torch.as_tensor(datamodel_weights)
+    weights = as_tensor(datamodel_weights)
     if weights.ndim == 3 and weights.shape[1] < n_train:
         raise ValueError(
             f"datamodel_weights cover {weights.shape[1]} targets but the training set has {n_train}; "

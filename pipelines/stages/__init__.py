@@ -115,11 +115,14 @@ class RunLock:
                                  f"delete {self.path} if that run is gone")
             if _alive(old["pid"]):
                 raise StoreError(f"{self.run_dir} is in use by `dmu run` pid {old['pid']} on {old['host']} "
-                                 f"(started {old.get('started')}): wait for it to finish or stop it; one run "
-                                 "per run directory")
+                                 f"(started {old.get('started')}): wait for it to finish or stop it (one run per "
+                                 f"run directory); delete {self.path} only if that pid is not a dmu run")
             log.warning("dmu: taking over the lock of %s from pid %s on %s (started %s), which is gone",
                         self.run_dir, old["pid"], old["host"], old.get("started"))
-            self._remove()
+            # only if it is still the stale one: another run may have just taken it over (two runs taking over
+            # the same stale lock in the same instant can still both succeed: the window is this read to the unlink)
+            if self._read() == old:
+                self._remove()
         raise StoreError(f"cannot take the lock {self.path} (unreadable, or changing): if no `dmu run` is using "
                          f"{self.run_dir}, delete it and rerun")
 
