@@ -118,7 +118,8 @@ def test_trak_stage_end_to_end_on_real_subset_models(tmp_path):
     cfg = small_config(tmp_path, n_models=128, block=32, keep_params=8)
     cfg = dataclasses.replace(cfg, datamodels=DatamodelsConfig(
         methods=("lasso", "trak"), n_val=32, n_lds=32, target_chunk=128, n_lambdas=8, trak_checkpoints=8,
-        trak_proj_dim=64))
+        trak_proj_dim=64, lambda_ratio=0.05))  # 64 fit models for 200 points: the dense end of a longer path is
+    # slow to converge in float32 (and never chosen on so few models)
     ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
     run_stages(ctx, ["subsets", "datamodels"])
     lasso = zarr.open_group(str(ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
