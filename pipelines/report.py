@@ -375,12 +375,17 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
 
     lines += ["## Datamodels (LDS)", ""]
     if metrics["datamodels"]:
-        lines += ["| datamodel | LDS (mean over targets) | LDS of margins (mean) "
-                  "| curve (models or checkpoints: LDS) |", "|---|---|---|---|"]
+        # test targets first (the published LDS); training targets apart: there a point's own presence in a
+        # subset dominates its output, which flatters a datamodel
+        lines += ["| datamodel | LDS, test margins | LDS, test logits | LDS, training-target margins "
+                  "| curve on test margins (models or checkpoints: LDS) |", "|---|---|---|---|---|"]
         for name, d in metrics["datamodels"].items():
             curve = ", ".join(f"{int(x)}: {_fmt(y)}" for x, y in d.get("lds_curve") or []) or "–"
-            cells = [name, _fmt(d.get("lds_mean")), _fmt(d.get("lds_margin_mean")), curve]
+            cells = [name, _fmt(d.get("lds_margin_test_mean")), _fmt(d.get("lds_test_mean")),
+                     _fmt(d.get("lds_margin_train_mean")), curve]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Spearman correlation of predicted and actual outputs of the held-out subset models, mean over "
+                  "targets."]
     else:
         lines.append("No datamodel store in this run.")
     lines.append("")
@@ -540,7 +545,7 @@ def plot_lds_curve(datamodels: dict, path) -> None:
     ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)  # the budgets measured, as plain numbers
     ax.minorticks_off()
     ax.set_xlabel("number of subset models (LASSO) / checkpoints (TRAK), log scale")
-    ax.set_ylabel("LDS (Spearman, mean over targets)")
+    ax.set_ylabel("LDS (Spearman, mean over test-target margins)")
     ax.set_title("Linear datamodeling score against estimation budget", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

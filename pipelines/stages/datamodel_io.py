@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from attribution.store import ArraySpec, StoreError, as_path, normalise_config, open_group, open_store
+from attribution.store import (
+    ArraySpec,
+    StoreError,
+    as_path,
+    normalise_config,
+    open_group,
+    open_store,
+    read,
+    row_ranges,
+)
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.stages import RunContext
 from pipelines.stages.subsets import subsets_config
@@ -63,12 +72,13 @@ class SubsetSource:
         return self._group
 
     def masks(self, rows: slice = slice(None)) -> np.ndarray:
-        """(m, N) bool training-set indicators of the models in `rows`."""
-        return np.asarray(self.group["masks"][rows], dtype=bool)
+        """(m, N) bool training-set indicators of the models in `rows` (a corrupt chunk: CorruptChunkError)."""
+        return np.asarray(read(self.group["masks"], rows, store=self.path), dtype=bool)
 
     def logits(self, rows: slice, targets: slice) -> np.ndarray:
-        """(m, t, C) float32 logits of the models in `rows` on `targets` (only those targets' chunks are read)."""
-        return np.asarray(self.group["logits"][rows, targets], dtype=np.float32)
+        """(m, t, C) float32 logits of the models in `rows` on `targets` (only those targets' chunks are read;
+        a corrupt chunk: CorruptChunkError)."""
+        return np.asarray(read(self.group["logits"], (rows, targets), store=self.path), dtype=np.float32)
 
     def outputs(self, rows: slice, targets: slice) -> tuple[np.ndarray, np.ndarray]:
         """Logits (m, t, C) and margins (m, t) float32 of the models in `rows` on `targets`."""
@@ -77,8 +87,11 @@ class SubsetSource:
 
 
 def open_subsets(ctx: RunContext) -> SubsetSource:
-    """subsets.zarr of this run, checked against its task and config, complete and finite (read in blocks of
-    models, so the check holds one block's logits at a time)."""
+    """subsets.zarr of this run, checked against its task and config, without failed models, complete and finite
+    (read in blocks of models, so the check holds one block's logits at a time).
+
+    Failed models (diverged: `failed` set, not done) are refused, not dropped: the fit / validation / LDS splits
+    are slices by index, and a rerun of the subsets stage retrains the failed rows."""
     path = ctx.run_dir / "subsets.zarr"
     group = open_store(path, "subsets")
     if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
@@ -87,7 +100,12 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     if group.attrs.get("config") != normalise_config(subsets_config(ctx.cfg)):
         raise StoreError(f"{path} was made with another subsets/task config: rerun the subsets stage with this "
                          "config first")
-    done = np.asarray(group["done"][:])
+    failed = np.flatnonzero(read(group["failed"], store=path))
+    if len(failed):
+        raise StoreError(f"subsets.zarr has {len(failed)} failed models (non-finite outputs; rows "
+                         f"{row_ranges(failed)}): rerun the subsets stage (dmu run CONFIG --stages subsets), which "
+                         "retrains them; if they fail again, lower task.recipe.lr in a new run directory")
+    done = np.asarray(read(group["done"], store=path))
     if not done.all():
         raise StoreError(f"subsets.zarr has {int(done.sum())}/{done.size} models done: finish the subsets stage "
                          "first (dmu run CONFIG --stages subsets resumes it)")
@@ -100,7 +118,7 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     bad: set[int] = set()
     for start in range(0, logits.shape[0], block):
         for t0 in range(0, logits.shape[1], CHECK_TARGETS):
-            rows = np.asarray(logits[start:start + block, t0:t0 + CHECK_TARGETS])
+            rows = read(logits, (slice(start, start + block), slice(t0, t0 + CHECK_TARGETS)), store=path)
             bad.update((start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist())
     bad = sorted(bad)
     if bad:
@@ -154,10 +172,12 @@ def write_targets(group: zarr.Group, t0: int, t1: int, result: dict) -> None:
 
 
 def lds_summary(group: zarr.Group, n_train: int) -> dict:
-    """Mean LDS over targets (NaN for constant targets skipped), overall and on test targets."""
+    """Mean LDS over targets (NaN for constant targets skipped): over all targets, and apart on test targets (what
+    the literature reports) and training targets (where a point's own presence in a subset dominates its output)."""
     def mean(a: np.ndarray) -> float:
         return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
     logit_lds, margin_lds = np.asarray(group["lds"][:]), np.asarray(group["margin_lds"][:])
     return {"lds_mean": mean(logit_lds), "lds_margin_mean": mean(margin_lds),
-            "lds_margin_test_mean": mean(margin_lds[n_train:])}
+            "lds_test_mean": mean(logit_lds[n_train:]), "lds_margin_test_mean": mean(margin_lds[n_train:]),
+            "lds_margin_train_mean": mean(margin_lds[:n_train])}

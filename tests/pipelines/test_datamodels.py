@@ -61,6 +61,10 @@ def test_lasso_stage_recovers_planted_weights_and_matches_sklearn(tmp_path):
         assert g["bias"][t, c] == pytest.approx(ref.intercept_, abs=2e-3)
     # LDS on the 32 held-out models is high for a noiseless-ish linear problem
     assert g.attrs["lds_mean"] > 0.8
+    margin_lds = g["margin_lds"][:]  # the summary splits test and training targets (0..N-1 are training points)
+    assert g.attrs["lds_margin_test_mean"] == pytest.approx(float(np.nanmean(margin_lds[N_TRAIN:])))
+    assert g.attrs["lds_margin_train_mean"] == pytest.approx(float(np.nanmean(margin_lds[:N_TRAIN])))
+    assert g.attrs["lds_test_mean"] == pytest.approx(float(np.nanmean(g["lds"][N_TRAIN:])))
     # margins are fit too
     y = margins(logits, ctx.data.y_targets.numpy())
     assert g["margin_weights"].shape == (N_TRAIN, N_TRAIN + N_TEST) and np.isfinite(g["margin_lds"][:]).mean() > 0.9

@@ -96,7 +96,8 @@ def run(tmp_path_factory):
                 {"k": K, "om_oracles": OM, "floor_oracles": True, "epochs": EPOCHS, "n_train": N, "n_targets": T, "num_classes": C,
                  "targets": {"train": [0, N], "test": [N, T]}})
     write_store(run_dir / "datamodels" / "lasso.zarr", {}, "datamodels",
-                {"lds_mean": 0.41, "lds_margin_mean": 0.45,
+                {"lds_mean": 0.41, "lds_margin_mean": 0.45, "lds_margin_test_mean": 0.312,
+                 "lds_test_mean": 0.287, "lds_margin_train_mean": 0.623,
                  "lds_curve": [[300, 0.27], [600, 0.37], [1200, 0.45]]})
     write_store(run_dir / "datamodels" / "trak.zarr", {}, "datamodels",
                 {"lds_mean": 0.3, "lds_curve": [[10, 0.32], [50, 0.48]]})
@@ -278,6 +279,9 @@ def test_metrics_json_and_markdown(run):
     assert on_disk["datamodels"]["lasso"]["lds_mean"] == 0.41
     assert on_disk["linear"]["methods"]["om"]["label"] == "OM (all points)"
     md = (out / "report.md").read_text()
+    # LDS on test targets first, training targets in their own column (issue 10); TRAK lacks them: dashes
+    assert "| lasso | 0.312 | 0.287 | 0.623 | 300: 0.27, 600: 0.37, 1200: 0.45 |" in md
+    assert "| trak | – | – | – | 10: 0.32, 50: 0.48 |" in md
     for fs in FORGET_SETS:
         assert f"## Forget set `{fs}`" in md
     rows = [line for line in md.splitlines() if line.startswith("| ")]
