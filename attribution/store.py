@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,22 @@ from upath import UPath
 log = logging.getLogger("dmu")
 
 # 2: subsets.zarr logits sharded by model block with inner chunks along targets; datamodel stores hold the masks'
-# Gram sums (changed in issue 9)
-SCHEMA_VERSION = 2
+# Gram sums (changed in issue 9). 3: subsets.zarr and models.zarr record each model's quality, `train_loss`,
+# `test_accuracy` and `failed` per row (issue 11)
+SCHEMA_VERSION = 3
 
 
 class StoreError(ValueError):
     """A store does not match what the caller expects; the message names the difference and what to do."""
+
+
+class FailedModelsError(RuntimeError):
+    """Some models of a training stage produced non-finite outputs: they are recorded as failed (not done),
+    the stage finished the others, and a rerun retries them. The message names the rows and their seeds."""
+
+
+class CorruptChunkError(StoreError):
+    """A chunk (or shard) file of a store does not decode: corrupt or truncated. Names store, array, file."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +271,79 @@ def open_store(path: str | Path, kind: str) -> zarr.Group:
 
 
 def done_rows(group: zarr.Group) -> np.ndarray:
-    return np.asarray(group["done"][:], dtype=bool)
+    return np.asarray(read(group["done"]), dtype=bool)
+
+
+def _storage_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """The shape of one file (object) of `arr`: a shard where it is sharded, else a chunk."""
+    return tuple(arr.shards or arr.chunks)
+
+
+def _as_slices(arr: zarr.Array, selection) -> tuple[slice, ...]:
+    """A basic selection (ints, slices, Ellipsis, or a tuple of them) as one slice per dimension."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if any(s is Ellipsis for s in sel):
+        i = next(i for i, s in enumerate(sel) if s is Ellipsis)
+        sel = sel[:i] + (slice(None),) * (arr.ndim - len(sel) + 1) + sel[i + 1:]
+    sel = sel + (slice(None),) * (arr.ndim - len(sel))
+    out = []
+    for s, n in zip(sel, arr.shape):
+        if isinstance(s, (int, np.integer)):
+            s = slice(int(s) % n, int(s) % n + 1)
+        start, stop, _ = s.indices(n)
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+# What codecs raise on bytes that do not decode: ValueError (checksums, sizes that do not reshape),
+# RuntimeError (zstd), struct.error, EOFError. Not OSError: a network or permission error is no corrupt
+# chunk.
+DECODE_ERRORS = (ValueError, RuntimeError, struct.error, EOFError)
+
+
+def find_bad_chunk(arr: zarr.Array, selection=slice(None)) -> tuple[tuple[int, ...], Exception] | None:
+    """The first file (chunk, or shard where sharded) of `arr` inside `selection` that cannot be read, with
+    its error; None where every one reads. One read per file, so only for locating an error already seen."""
+    region = _as_slices(arr, selection)
+    shape = _storage_shape(arr)
+    ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, shape)]
+    for key in np.ndindex(*[len(r) for r in ranges]):
+        index = tuple(r[k] for r, k in zip(ranges, key))
+        try:
+            arr[tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, shape, arr.shape))]
+        except DECODE_ERRORS as exc:
+            return index, exc
+    return None
+
+
+def corrupt_chunk_error(store: str | Path, arr: zarr.Array, index: tuple[int, ...],
+                        exc: Exception) -> StoreError:
+    """One line naming the store, the array and the file of a chunk that does not decode, and what to do."""
+    key = "c/" + "/".join(map(str, index))
+    shape = _storage_shape(arr)
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    last = min((index[0] + 1) * shape[0], arr.shape[0]) - 1 if index else 0
+    rows = f"rows {index[0] * shape[0]}..{last}" if index else "all"
+    return CorruptChunkError(f"store {store}: array {arr.path}, chunk file {arr.path}/{key} ({rows}) "
+                             f"is corrupt or truncated ({reason}): restore the store from a copy, or move it "
+                             "away and rerun the stage that writes it")
+
+
+def read(arr: zarr.Array, selection=slice(None), *, store: str | Path | None = None) -> np.ndarray:
+    """`arr[selection]` as a numpy array; a chunk that does not decode (a corrupt or truncated file) raises
+    CorruptChunkError naming the store, the array and the file, instead of a codec's traceback. Other errors
+    (a wrong selection, a network error) pass through unchanged."""
+    try:
+        return np.asarray(arr[selection])
+    except DECODE_ERRORS as exc:
+        try:
+            bad = find_bad_chunk(arr, selection)
+        except Exception:  # noqa: BLE001 (a network error, a selection it cannot walk: keep the first error)
+            bad = None
+        if bad is None:
+            raise
+        where = store if store is not None else str(arr.store_path.store).removeprefix("file://")
+        raise corrupt_chunk_error(where, arr, *bad) from exc
 
 
 def summary(path: str | Path) -> dict:
@@ -278,7 +361,131 @@ def summary(path: str | Path) -> dict:
                                 **({"shards": list(arr.shards)} if arr.shards else {})}
         info["bytes_uncompressed"] = info.get("bytes_uncompressed", 0) + int(arr.nbytes)
         if name == "done" or name.endswith("/done"):  # completion of each block of rows
-            done = np.asarray(arr[:], dtype=bool)
-            info["completion"][name.removesuffix("done").rstrip("/") or "."] = [int(done.sum()), int(done.size)]
+            done = np.asarray(read(arr, store=path), dtype=bool)
+            part = name.removesuffix("done").rstrip("/") or "."
+            info["completion"][part] = [int(done.sum()), int(done.size)]
+            quality = model_quality(group, part, done, path)
+            if quality is not None:
+                info.setdefault("quality", {})[part] = quality
     info["attrs"] = dict(group.attrs)
     return info
+
+
+def model_quality(group: zarr.Group, part: str, done: np.ndarray, path: str | Path) -> dict | None:
+    """Test accuracy of the done models of one ensemble (`part`: "." for the store's root) as min / median /
+    max, the failed rows, and chance (1 / num_classes); None where the store records no model quality."""
+    prefix = "" if part == "." else part + "/"
+    if prefix + "test_accuracy" not in group:
+        return None
+    acc = np.asarray(read(group[prefix + "test_accuracy"], store=path), dtype=np.float64)[done]
+    failed = np.flatnonzero(read(group[prefix + "failed"], store=path)) if prefix + "failed" in group else []
+    classes = group.attrs.get("num_classes")
+    out: dict = {"n_done": int(done.sum()), "failed_rows": [int(r) for r in failed],
+                 "chance": 1.0 / classes if classes else None}
+    acc = acc[np.isfinite(acc)]
+    if len(acc):
+        out.update(min=float(acc.min()), median=float(np.median(acc)), max=float(acc.max()))
+    return out
+
+
+# Bytes per read of `verify_store`: its memory does not grow with the store.
+VERIFY_BYTES = 64 * 2**20
+# Stores with one row per model and a `done` flag per row (per ensemble in models.zarr): their done rows must
+# be finite in every float array.
+ROW_KINDS = ("subsets", "models", "unlearned")
+
+
+def _blocks(arr: zarr.Array):
+    """Selections that cover `arr` in whole files (chunks or shards), about VERIFY_BYTES each at most: rows in
+    steps of a file's rows, the second dimension in as many files as fit."""
+    if arr.ndim == 0:
+        yield ()
+        return
+    shape = _storage_shape(arr)
+    if arr.ndim == 1:
+        step = max(shape[0], VERIFY_BYTES // arr.dtype.itemsize // shape[0] * shape[0])
+        for r0 in range(0, arr.shape[0], step):
+            yield (slice(r0, r0 + step),)
+        return
+    rest = int(np.prod(arr.shape[2:], dtype=np.int64)) * arr.dtype.itemsize
+    cols = max(shape[1], VERIFY_BYTES // max(1, shape[0] * rest) // shape[1] * shape[1])
+    for r0 in range(0, arr.shape[0], shape[0]):
+        for c0 in range(0, arr.shape[1], cols):
+            yield (slice(r0, r0 + shape[0]), slice(c0, c0 + cols))
+
+
+def row_ranges(rows: np.ndarray) -> str:
+    """Row indices as short ranges: [3, 4, 5, 9] -> "3..5, 9" (at most 8 ranges, then a count)."""
+    parts, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            parts.append(str(start) if start == r else f"{start}..{r}")
+            start = None
+    more = f" and {len(parts) - 8} more ranges" if len(parts) > 8 else ""
+    return ", ".join(parts[:8]) + more
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Re-read a whole store by blocks of whole files and return its problems, one line each (empty: none):
+    declared, schema version, config hash of its config, chunk files that do not decode (CorruptChunkError's
+    line), and in stores with a row per model (ROW_KINDS): array lengths that differ from `done`, done rows
+    with non-finite values, rows both done and failed. Memory: one block (VERIFY_BYTES) at a time."""
+    path = as_path(path)
+    if not exists(path):
+        return [(f"store {path}: not declared (no dmu attrs): an interrupted creation; rerun its stage to "
+                 "create it")]
+    group = open_group(path, mode="r")
+    attrs = group.attrs
+    problems = []
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"store {path}: schema version {attrs.get('schema_version')}, this dmu writes "
+                        f"{SCHEMA_VERSION}: recompute it in a new run directory")
+    if "config" in attrs and attrs.get("config_hash") != config_hash(attrs["config"]):
+        problems.append(f"store {path}: config_hash {attrs.get('config_hash')} does not match its config "
+                        f"({config_hash(attrs['config'])}): its attrs were edited; restore them or recompute "
+                        "it")
+    arrays = {name: arr for name, arr in group.members(max_depth=None) if isinstance(arr, zarr.Array)}
+    done_of: dict[str, np.ndarray] = {}  # ensemble prefix ("" or "full/") -> done flags
+    if attrs.get("kind") in ROW_KINDS:
+        for name, arr in arrays.items():
+            if name == "done" or name.endswith("/done"):
+                try:
+                    done_of[name.removesuffix("done")] = np.asarray(read(arr, store=path), dtype=bool)
+                except CorruptChunkError as exc:
+                    problems.append(str(exc))
+    for prefix, done in done_of.items():
+        failed_name = prefix + "failed"
+        if failed_name in arrays:
+            try:
+                both = np.flatnonzero(done & np.asarray(read(arrays[failed_name], store=path), dtype=bool))
+            except CorruptChunkError:
+                both = []  # reported below, with the other arrays
+            if len(both):
+                problems.append(f"store {path}: array {failed_name}: rows {row_ranges(both)} are both "
+                                "done and failed: the store was edited; clear their done flags and rerun the "
+                                "stage")
+    for name, arr in sorted(arrays.items()):
+        prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+        done = done_of.get(prefix)
+        if done is not None and name != prefix + "params" and arr.ndim and arr.shape[0] != len(done):
+            problems.append(f"store {path}: array {name} has {arr.shape[0]} rows but {prefix}done has "
+                            f"{len(done)}: the store is damaged; recompute it in a new run directory")
+            done = None
+        check_finite = done is not None and arr.dtype.kind in "fc"
+        bad_rows: set[int] = set()
+        try:
+            for sel in _blocks(arr):
+                block = read(arr, sel, store=path)
+                if check_finite and block.size:
+                    rows = np.arange(arr.shape[0])[sel[0]]
+                    finite = np.isfinite(block).reshape(len(rows), -1).all(1)
+                    bad_rows.update(rows[~finite & done[rows]].tolist())
+        except CorruptChunkError as exc:
+            problems.append(str(exc))
+        if bad_rows:
+            problems.append(f"store {path}: array {name}: done rows {row_ranges(sorted(bad_rows))} hold "
+                            "non-finite values: clear their done flags (and fix the cause) and rerun the "
+                            "stage, or recompute the store")
+    return problems

@@ -1,8 +1,11 @@
 """The `dmu` command: run the pipeline's stages, inspect stores, serve deletion requests, report.
 
 Bad input ends with one line on stderr naming the problem and what to do, and exit status 2; nothing already
-computed is lost (stores are written chunk by chunk, done flags last). `dmu run` holds its run directory's lock
-(pipelines.stages.RunLock) while it runs, and treats SIGTERM as Ctrl-C: one line, exit 143, finished work kept.
+computed is lost (stores are written chunk by chunk, done flags last). Models that diverge are recorded as
+failed and the stage ends with exit 2 naming them; `dmu info --verify RUN` re-reads a run's stores and names
+what is wrong, one line per problem, exit 2. `dmu run` holds its run directory's lock
+(pipelines.stages.RunLock) while it runs, and treats SIGTERM as Ctrl-C: one line, exit 143, finished work
+kept.
 """
 
 from __future__ import annotations
@@ -16,12 +19,28 @@ import sys
 import threading
 from pathlib import Path
 
-from attribution.store import StoreError, as_path, check_reachable, exists, find_stores, summary
+from attribution.store import (
+    FailedModelsError,
+    StoreError,
+    as_path,
+    check_reachable,
+    config_hash,
+    diff_keys,
+    exists,
+    find_stores,
+    normalise_config,
+    open_group,
+    summary,
+    verify_store,
+)
 from pipelines.config import ConfigError, load_config
 from pipelines.executor import ClusterError, UnitError
 from pipelines.tasks import DataError
 
-USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, ClusterError, FileNotFoundError)
+USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, ClusterError, FileNotFoundError,
+               FailedModelsError)
+# `dmu info` warns when the median test accuracy of a store's models is within this of chance (1 / classes)
+CHANCE_MARGIN = 0.02
 
 
 class Terminated(KeyboardInterrupt):
@@ -59,6 +78,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     path = as_path(args.path)  # a local path or an object-store URL (s3://bucket/runs/demo)
     check_reachable(path)
+    if args.verify:
+        verify_run(path)
+        return
     stores = [path] if exists(path) else find_stores(path)
     if not stores:
         raise StoreError(f"no Zarr store at or under {path}: pass a store (runs/demo/subsets.zarr) or a run dir")
@@ -75,12 +97,101 @@ def cmd_info(args: argparse.Namespace) -> None:
         for part, (done, total) in info["completion"].items():
             where = "" if part == "." else f" {part}"
             print(f"  complete{where}: {done}/{total} rows ({100.0 * done / max(1, total):.1f}%)")
+        for part, q in info.get("quality", {}).items():
+            print_quality("" if part == "." else f" {part}", q)
         attrs = info["attrs"]
         for key in ("dataset", "dataset_fingerprint", "n_train", "n_targets", "config_hash"):
             if key in attrs:
                 print(f"  {key}: {attrs[key]}")
         if "config" in attrs:
             print(f"  config: {json.dumps(attrs['config'], sort_keys=True)}")
+
+
+def print_quality(where: str, q: dict) -> None:
+    """`dmu info`'s lines on the models of one ensemble: test accuracy of the done ones, failed rows, and a
+    warning when the median is within CHANCE_MARGIN of chance."""
+    if "median" in q:
+        print(f"  test accuracy{where} ({q['n_done']} done models): min {q['min']:.3f} / median "
+              f"{q['median']:.3f} / max {q['max']:.3f}")
+        chance = q.get("chance")
+        if chance is not None and q["median"] - chance < CHANCE_MARGIN:
+            print(f"  warning{where}: median test accuracy {q['median']:.3f} is within "
+                  f"{100 * CHANCE_MARGIN:.0f} points of chance ({chance:.3f}): the models barely learn; "
+                  "check the recipe (task.recipe: lr, epochs) and the data")
+    if q["failed_rows"]:
+        rows = q["failed_rows"]
+        print(f"  failed{where}: {len(rows)} models (rows {rows[:10]}{' ...' if len(rows) > 10 else ''}), "
+              "non-finite outputs: rerun the stage to retrain them")
+
+
+def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
+    """The config that a store of `kind` at `store` holds when made from the run's config `cfg` (config.json);
+    None where it cannot be derived (no forget sets yet, an unknown kind)."""
+    from pipelines.stages import forget_sets as forget_sets_stage
+    from pipelines.stages.datamodel_io import datamodels_config
+    from pipelines.stages.models import models_config
+    from pipelines.stages.subsets import subsets_config
+    from pipelines.stages.unlearn import unlearned_config
+
+    try:
+        if kind == "subsets":
+            return subsets_config(cfg)
+        if kind == "datamodels":
+            return datamodels_config(cfg, store.name.removesuffix(".zarr"))
+        if kind == "models":
+            return models_config(cfg, forget_sets_stage.load(run_dir))
+        if kind == "unlearned":
+            fs = store.parent.name
+            sets = forget_sets_stage.load(run_dir)
+            if fs not in sets:
+                return None
+            return unlearned_config(cfg, fs, sets[fs], store.name.removesuffix(".zarr"))
+    except (StoreError, KeyError):
+        return None
+    return None
+
+
+def verify_run(path) -> None:
+    """`dmu info --verify`: re-read every store of a run (or one store) by blocks and check it
+    (store.verify_store: chunks decode, done rows finite, shapes, config hash; subsets masks against their
+    seed), and each store's config against the run's config.json. Prints one line per store; problems:
+    StoreError, one line each."""
+    from attribution.subsets import verify_masks
+    from pipelines.stages import load_run_config
+
+    stores = [path] if exists(path) else find_stores(path)
+    # a single store: its run directory is the nearest folder above it with a config.json
+    # (datamodels/lasso.zarr is one level down, unlearned/<set>/<method>.zarr two)
+    run_dir = path
+    if stores == [path]:
+        run_dir = next((p for p in (path.parent, path.parent.parent, path.parent.parent.parent)
+                        if (p / "config.json").exists()), path.parent)
+    if not stores:
+        raise StoreError(f"no Zarr store at or under {path}: pass a run directory (runs/demo) or a store")
+    cfg = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
+    problems: list[str] = []
+    for store in stores:
+        found = verify_store(store)
+        if exists(store):
+            group = open_group(store, mode="r")
+            kind = group.attrs.get("kind")
+            if kind == "subsets" and "masks" in group:
+                try:
+                    found += verify_masks(group, store)
+                except StoreError as exc:  # a corrupt masks chunk: verify_store has named it already
+                    if str(exc) not in found:
+                        found.append(str(exc))
+            expected = expected_store_config(run_dir, store, kind, cfg) if cfg is not None else None
+            expected = normalise_config(expected) if expected is not None else None
+            if expected is not None and config_hash(expected) != group.attrs.get("config_hash"):
+                keys = "; ".join(diff_keys(group.attrs.get("config", {}), expected)) or "its hash"
+                found.append(f"store {store}: made with another config than the run's config.json ({keys}): "
+                             "rerun its stage with the run's config, or restore config.json")
+        print(f"{store}: {'ok' if not found else f'{len(found)} problem(s)'}")
+        problems += found
+    if problems:
+        raise StoreError("\n".join(problems))
+    print(f"verified: {len(stores)} stores under {path}, no problems")
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
@@ -123,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a store (or every store of a run dir) holds and how complete it is")
     p.add_argument("path", help="a store or a run directory (local, or a URL such as s3://bucket/runs/demo)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--verify", action="store_true", help="re-read every store of the run and check it: "
+                   "chunks decode, done rows finite, shapes, config against config.json, subset masks "
+                   "against the seed")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("unlearn", help="serve one deletion request from a run's precomputed stores")
@@ -156,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as exc:
-        print(f"dmu: error: {exc}", file=sys.stderr)
+        # one line per problem (`dmu info --verify` may find several)
+        for line in str(exc).splitlines() or [""]:
+            print(f"dmu: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)

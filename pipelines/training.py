@@ -52,6 +52,9 @@ class TrainResult:
     params: np.ndarray | None  # (B, P) float32: flattened state (see state_vector), when asked for
     seconds: float
     example_passes: int  # forward+backward passes of single examples, summed over the block
+    # (B,) float64: each model's final training loss, the mean of its minibatch losses over its last epoch
+    # (NaN where it diverged, or where it took no step)
+    train_loss: np.ndarray
 
 
 def default_device() -> torch.device:
@@ -142,6 +145,8 @@ def train_models(task: "Task", data: "TaskData", masks: np.ndarray, seeds: Seque
     device = torch.device(device) if device is not None else default_device()
     recipe = task.recipe
     n_steps = n_steps_for(recipe, int(epoch_size or masks[0].sum()))
+    # the final training loss averages the last epoch's steps (one step's minibatch loss alone is noisy)
+    loss_from = n_steps - n_steps // max(1, recipe.epochs)
     streams = minibatch_streams(masks, seeds, n_steps, recipe.batch_size).to(device)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_targets = data.x_targets.to(device)
@@ -150,17 +155,17 @@ def train_models(task: "Task", data: "TaskData", masks: np.ndarray, seeds: Seque
     start = time.perf_counter()
     if packed and task.packed_forward is not None:
         size = pack_size or (len(models) if device.type == "cuda" else CPU_PACK_SIZE)
-        logits = np.concatenate([
-            _train_packed(task, models[i:i + size], streams[i:i + size], x_train, y_train, x_targets, eval_batch)
-            for i in range(0, len(models), size)])
+        packs = [_train_packed(task, models[i:i + size], streams[i:i + size], x_train, y_train, x_targets,
+                               eval_batch, loss_from) for i in range(0, len(models), size)]
     else:
-        logits = np.stack([
-            _train_one(task, m, streams[i], x_train, y_train, x_targets, int(seeds[i]), eval_batch)
-            for i, m in enumerate(models)])
+        packs = [_train_one(task, m, streams[i], x_train, y_train, x_targets, int(seeds[i]), eval_batch,
+                            loss_from) for i, m in enumerate(models)]
+    logits = np.concatenate([np.asarray(p[0]).reshape(-1, *p[0].shape[-2:]) for p in packs])
+    train_loss = np.concatenate([np.atleast_1d(p[1]) for p in packs]).astype(np.float64)
     seconds = time.perf_counter() - start
     params = np.stack([state_vector(m).numpy() for m in models]) if return_params else None
     return TrainResult(logits=logits, params=params, seconds=seconds,
-                       example_passes=len(models) * n_steps * recipe.batch_size)
+                       example_passes=len(models) * n_steps * recipe.batch_size, train_loss=train_loss)
 
 
 def _augment(task: "Task", xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -168,20 +173,26 @@ def _augment(task: "Task", xb: torch.Tensor, gen: torch.Generator | None) -> tor
 
 
 def _train_one(task: "Task", model: nn.Module, stream: torch.Tensor, x_train, y_train, x_targets,
-               seed: int, eval_batch: int) -> np.ndarray:
+               seed: int, eval_batch: int, loss_from: int) -> tuple[np.ndarray, float]:
+    """Train one model; returns its logits on the targets and its mean minibatch loss from step loss_from."""
     recipe = task.recipe
     opt = make_optimizer(list(model.parameters()), recipe)
     gen = torch.Generator(device=x_train.device).manual_seed(seed) if task.augment else None
     model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x_train.device)
     for step, idx in enumerate(stream):
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step, len(stream))
         out = model(_augment(task, x_train[idx], gen))
         loss = F.cross_entropy(out, y_train[idx], label_smoothing=recipe.label_smoothing)
+        if step >= loss_from:  # detached: recording the loss changes nothing in the training
+            loss_sum += loss.detach().double()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return predict_logits(model, x_targets, eval_batch)
+    n_recorded = len(stream) - loss_from
+    train_loss = float(loss_sum) / n_recorded if n_recorded > 0 else float("nan")
+    return predict_logits(model, x_targets, eval_batch), train_loss
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 2048) -> np.ndarray:
@@ -190,13 +201,16 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 2048) -> np.n
 
 
 def _train_packed(task: "Task", models: list[nn.Module], streams: torch.Tensor, x_train, y_train, x_targets,
-                  eval_batch: int) -> np.ndarray:
+                  eval_batch: int, loss_from: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train a pack of models as one computation; returns their logits (G, T, C) on the targets and each
+    model's mean minibatch loss over steps loss_from.. (G,)."""
     recipe = task.recipe
     fwd = task.packed_forward
     stacked, _buffers = stack_module_state(models)  # {name: (G, ...)} leaf tensors that require grad
     params = list(stacked.values())
     opt = make_optimizer(params, recipe)
     G, n_steps, b = streams.shape
+    loss_sum = torch.zeros(G, dtype=torch.float64, device=x_train.device)
     for step in range(n_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step, n_steps)
@@ -205,6 +219,11 @@ def _train_packed(task: "Task", models: list[nn.Module], streams: torch.Tensor, 
         # sum over models of each model's mean loss: model g's gradient is exactly that of its own loss
         loss = F.cross_entropy(out.reshape(G * b, -1), y_train[idx].reshape(-1), reduction="sum",
                                label_smoothing=recipe.label_smoothing) / b
+        if step >= loss_from:  # each model's own mean loss, from detached outputs: the training is unchanged
+            with torch.no_grad():
+                per_example = F.cross_entropy(out.detach().reshape(G * b, -1), y_train[idx].reshape(-1),
+                                              reduction="none", label_smoothing=recipe.label_smoothing)
+                loss_sum += per_example.reshape(G, b).double().mean(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -214,5 +233,7 @@ def _train_packed(task: "Task", models: list[nn.Module], streams: torch.Tensor, 
                 p.copy_(stacked[name][g])
         logits = torch.cat([fwd(stacked, x_targets[i:i + eval_batch].expand(G, *x_targets[i:i + eval_batch].shape))
                             for i in range(0, len(x_targets), eval_batch)], dim=1)
-    return logits.float().cpu().numpy()
+    n_recorded = n_steps - loss_from
+    train_loss = (loss_sum / n_recorded).cpu().numpy() if n_recorded > 0 else np.full(G, np.nan)
+    return logits.float().cpu().numpy(), train_loss
 

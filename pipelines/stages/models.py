@@ -1,13 +1,16 @@
 """Stage `models`: K full models (all training data) and, per forget set, K + om_oracles (+ K floor) oracles
 (retrained without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
 
-Layout: `full/{params,logits,seconds,done}` and `oracle/<forget_set>/{...}`, one row per model (`oracle_rows`):
+Layout: `full/{params,logits,seconds,train_loss,test_accuracy,failed,done}` and `oracle/<forget_set>/{...}`,
+one row per model (`oracle_rows`):
 rows [0, K) are KLOM's reference; [K, K + om_oracles) Oracle Matching's target (kept apart so OM is not scored
 against the very models it matched); with models.floor_oracles, [K + om_oracles, 2K + om_oracles) the floor
 oracles, which the report scores against the reference as if they were unlearned models (the oracle floor, K vs K).
 Row i of an ensemble trains with seed i of its stream, and work units never straddle the start of the floor rows,
 so the earlier rows train in the same packs, bit for bit, with or without the floor oracles. Store attrs `k`,
 `om_oracles` and `floor_oracles` say which rows are which. Work unit = (ensemble, block of model indices).
+A model with non-finite outputs is recorded as failed, not done: the stage finishes every other unit, then
+raises FailedModelsError naming the rows and seeds; a rerun retrains their units.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import zarr
 
 from attribution.masks import model_seeds
 from attribution.store import ArraySpec, as_path, open_or_create, open_store
+from attribution.subsets import accuracy_on_test_targets, failed_error, failed_models
 from pipelines.config import RunConfig, TaskConfig, to_dict
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -60,8 +64,9 @@ def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict:
 
 
 def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                         plans: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Work unit: models start..stop-1 of one ensemble; returns logits, params, seconds per model."""
+                         plans: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Work unit: models start..stop-1 of one ensemble; returns logits, params, seconds, final training loss
+    and seed per model."""
     name, start, stop = unit
     forget, _, stream = plans[name]
     mask = np.ones(data.n_train, dtype=bool)
@@ -78,7 +83,8 @@ def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, da
     x_targets = data.x_targets.to(default_device())
     logits = np.stack([predict_logits(load_state_vector(task.build_model(data.num_classes, 0), p)
                                       .to(x_targets.device), x_targets) for p in result.params])
-    return logits, result.params, np.full(stop - start, result.seconds / (stop - start))
+    seconds = np.full(stop - start, result.seconds / (stop - start))
+    return logits, result.params, seconds, result.train_loss, seeds
 
 
 def run(ctx: RunContext) -> None:
@@ -96,6 +102,10 @@ def run(ctx: RunContext) -> None:
                                              compressed=False)
         arrays[f"{name}/seconds"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/done"] = ArraySpec((n,), "bool", (block,), False)
+        # each model's quality (issue 11), as in subsets.zarr: a failed model (non-finite outputs) is not done
+        arrays[f"{name}/train_loss"] = ArraySpec((n,), "float64", (block,), float("nan"))
+        arrays[f"{name}/test_accuracy"] = ArraySpec((n,), "float64", (block,), float("nan"))
+        arrays[f"{name}/failed"] = ArraySpec((n,), "bool", (block,), False)
     group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=models_config(cfg, sets),
                            attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": cfg.models.om_oracles,
                                   "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs})
@@ -107,14 +117,27 @@ def run(ctx: RunContext) -> None:
             units += [(name, s, e) for s, e in blocks if not done[s:e].all()]
     total = sum(segments[-1][1] for _, segments, _ in plans.values())
 
+    test_labels = data.y_targets.numpy()[data.n_train:]
+    failed: list[tuple[str, int]] = []
+
     def write(unit: tuple[str, int, int], result: tuple) -> None:
         name, start, stop = unit
-        for array, values in zip(("logits", "params", "seconds"), result):
+        logits, params, seconds, train_loss, seeds = result
+        for array, values in (("logits", logits), ("params", params), ("seconds", seconds),
+                              ("train_loss", train_loss)):
             group[f"{name}/{array}"][start:stop] = values
-        group[f"{name}/done"][start:stop] = True
+        bad = failed_models(logits, train_loss, params)
+        accuracy = accuracy_on_test_targets(logits, test_labels)
+        group[f"{name}/test_accuracy"][start:stop] = np.where(bad, np.nan, accuracy)
+        # the flags last: a crash before them leaves the unit to redo
+        group[f"{name}/failed"][start:stop] = bad
+        group[f"{name}/done"][start:stop] = ~bad
+        failed.extend((f"{name} row {start + i}", int(seeds[i])) for i in np.flatnonzero(bad))
 
     shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans}
     drive(ctx, train_ensemble_block, units, shared, write, total=total, desc="full + oracle models")
+    if failed:
+        raise failed_error("models", failed, total)
 
 
 def open_models(run_dir) -> zarr.Group:

@@ -1,6 +1,8 @@
 """Stage `subsets`: train the subset models through the executor into runs/<name>/subsets.zarr.
 
 Work unit = a block of model indices (one Zarr chunk); each unit regenerates its masks and seeds from the run seed.
+Models that diverge are recorded as failed (attribution.subsets.write_block); the stage then ends with
+FailedModelsError naming their rows and seeds, and a rerun retrains them.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ def subsets_config(cfg: RunConfig) -> dict:
 
 
 def train_subset_block(unit: tuple[int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int, alpha: float,
-                       keep_params: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Work unit: train subset models start..stop-1 (masks and seeds regenerated from the run seed)."""
+                       keep_params: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Work unit: train subset models start..stop-1 (masks and seeds regenerated from the run seed); returns
+    their logits, params (when start < keep_params), final training losses and seeds."""
     start, stop = unit
     task = get_task(task_cfg)
     masks = sample_masks(stop - start, data.n_train, alpha, seed, start=start)
     seeds = model_seeds(stop - start, seed, SUBSET_TRAIN_STREAM, start=start)
     result = train_models(task, data, masks, seeds, epoch_size=round(alpha * data.n_train),
                           return_params=start < keep_params)
-    return result.logits, result.params
+    return result.logits, result.params, result.train_loss, seeds
 
 
 def run(ctx: RunContext) -> None:
@@ -56,4 +59,5 @@ def run(ctx: RunContext) -> None:
         return
     subsets_store.run(group, ctx.executor, train_subset_block,
                       shared={"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "alpha": s.alpha,
-                              "keep_params": s.keep_params})
+                              "keep_params": s.keep_params},
+                      test_labels=data.y_targets.numpy()[data.n_train:])
