@@ -49,7 +49,7 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    # mnist1d (embedded default) | cifar10
+    # mnist1d (embedded default) | cifar10 | an import path to your own task, package.module:make_task
     name: str = "mnist1d"
     # architecture: cnn | mlp for mnist1d, resnet9 for cifar10 (None: the task's default, cnn / resnet9)
     arch: str | None = None
