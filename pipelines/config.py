@@ -180,6 +180,12 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _quoted(key: str) -> str:
+    """A key in quotes for an error line; escaped where it holds line breaks or other unprintable characters
+    (the CLI prints one line per line of the message)."""
+    return f"'{key}'" if key.isprintable() else repr(key)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and convert lists to tuples and dicts to dataclasses."""
     origin = typing.get_origin(tp)
@@ -198,26 +204,43 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0])
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {_quoted(key)} must be a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key {_quoted(key)} must be a list, got {value!r}")
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {_quoted(key)} must be a mapping, got {value!r}")
+        _check_plain(value, key)
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
-            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+            raise ConfigError(f"config key {_quoted(key)} must be {tp.__name__}, got {value!r}")
         if not isinstance(value, tp):
-            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+            raise ConfigError(f"config key {_quoted(key)} must be {tp.__name__}, got {value!r}")
         return value
-    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
+    raise ConfigError(f"config key {_quoted(key)}: unsupported annotation {tp!r}")
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """A free-form mapping holds what config.json can: string keys; strings, numbers, booleans, nulls, lists and
+    mappings (not the dates or binary that YAML also reads)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"config key {_quoted(key)} has the key {k!r}: keys must be strings")
+            _check_plain(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"config key {_quoted(key)} must be a number, string, boolean, list or mapping, "
+                          f"got {value!r}")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -226,10 +249,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+        if not isinstance(key, str) or key not in names:  # YAML keys may be numbers, booleans or null
+            close = difflib.get_close_matches(key, names, n=1) if isinstance(key, str) else []
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ConfigError(f"unknown config key {_quoted(f'{prefix}{key}')}{hint}")
         kwargs[key] = _convert(value, hints[key], prefix + key)
     return cls(**kwargs)
 
@@ -245,8 +268,13 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {path} does not exist: pass a YAML file such as pipelines/configs/demo.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # its message spans lines (the text with a caret): keep the problem and where
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {' '.join(problem.split())}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:  # a value YAML parses but cannot build (date 0000-00-00)
+        raise ConfigError(f"config file {path} holds a value YAML cannot read: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys at the top level")
     cfg = from_dict(RunConfig, data)

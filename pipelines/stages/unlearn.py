@@ -39,10 +39,13 @@ def check_methods(cfg: RunConfig) -> None:
     for name, overrides in cfg.unlearn.hparams.items():
         if name not in METHODS:
             raise ConfigError(f"unlearn.hparams has unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"unlearn.hparams.{name} must be a mapping of hyperparameters, e.g. {{epochs: 2}}, "
+                              f"got {overrides!r}")
         fields = METHODS[name].Hyperparameters.__dataclass_fields__
         for key in overrides:
             if key not in fields:
-                raise ConfigError(f"unknown config key 'unlearn.hparams.{name}.{key}'; {name} has: "
+                raise ConfigError(f"unknown config key {f'unlearn.hparams.{name}.{key}'!r}; {name} has: "
                                   f"{', '.join(fields) or 'no hyperparameters'}")
 
 
@@ -200,16 +203,24 @@ def read_forget_ids(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         try:
             ids = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
             raise ConfigError(f"forget-id file {path} is not a readable .npy array of integers "
-                              f"({exc})") from exc
+                              f"({exc or type(exc).__name__})") from exc
     else:
-        text = path.read_text().replace(",", " ").replace("[", " ").replace("]", " ").split()
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError) as exc:  # binary (a .npy under another name), a directory
+            raise ConfigError(f"forget-id file {path} is not a text file of integers ({exc}): write the ids as "
+                              "text or JSON, or save them with numpy.save under a .npy name") from exc
+        text = text.replace(",", " ").replace("[", " ").replace("]", " ").split()
         try:
             ids = np.array([int(t) for t in text], dtype=np.int64)
         except ValueError as exc:
             raise ConfigError(f"forget-id file {path} holds a non-integer id ({exc}): write training indices "
                               "0..N-1 only") from exc
+        except OverflowError as exc:  # beyond int64: no training index
+            raise ConfigError(f"forget-id file {path} holds an id too large for a training index ({exc}): "
+                              "write training indices 0..N-1 only") from exc
     return np.asarray(ids)
 
 
@@ -230,6 +241,9 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
         idx = check_forget_idx(forget_ids, data.n_train).numpy()
     except ValueError as exc:
         raise ConfigError(f"bad forget ids: {exc}") from exc
+    if len(idx) == data.n_train:
+        raise ConfigError(f"bad forget ids: they name all {data.n_train} training examples, so nothing is "
+                          "retained; forget a subset")
     models = open_models(run_dir)
     k = models.attrs["k"]
     if not 0 <= model_index < k or not models["full/done"][model_index]:
