@@ -205,6 +205,10 @@ def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; known, in order: {', '.join(known)}")
+    if "unlearn" in stages:  # unknown methods or hyperparameters: refused before any stage trains anything
+        from pipelines.stages.unlearn import check_methods
+
+        check_methods(ctx.cfg)
     make_dirs(ctx.run_dir)  # an object store: checks that its bucket answers (one clear error if not)
     # the run's config, for `dmu unlearn` / `dmu report` (each store also keeps the part it depends on)
     write_text(ctx.run_dir / "config.json", json.dumps(to_dict(ctx.cfg), indent=2))

@@ -333,3 +333,11 @@ def test_bad_unlearn_config_from_yaml_is_one_cli_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unlearn.hparams.dm_matching.epoch" in err[0], err
 
+
+
+def test_unknown_unlearning_method_refused_before_any_stage_runs(tmp_path):
+    cfg = stage_config(tmp_path, methods=("do_nothing", "dm_drect"))
+    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
+    with pytest.raises(ConfigError, match="unknown unlearn.methods entry 'dm_drect'"):
+        run_stages(ctx, ["subsets", "unlearn"])
+    assert not (ctx.run_dir / "subsets.zarr").exists()  # nothing trained before the refusal
