@@ -212,3 +212,29 @@ def test_predicted_vs_actual_script(digits_run, tmp_path):
     assert printed["spearman"] == pytest.approx(float(np.nanmean(stored)), abs=2e-3)
     assert "8 held-out LDS models x 100 test targets" in stdout
     assert_png(out)
+
+
+def test_compare_runs_script(digits_run, tmp_path):
+    """Two runs' metrics.json side by side: A's numbers as reported, B - A as changed by hand in B's copy."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(digits_run, other)
+    metrics = json.loads((other / "report" / "metrics.json").read_text())
+    for entry in metrics["forget_sets"].values():
+        entry["methods"]["dm_direct"]["klom"]["forget"]["p95"] += 1.0
+    (other / "report" / "metrics.json").write_text(json.dumps(metrics))
+    original = json.loads((digits_run / "report" / "metrics.json").read_text())
+    stdout = run_script("compare_runs.py", str(digits_run), str(other))
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.rsplit(maxsplit=3)
+        if len(parts) == 4 and re.match(r"^[+-]\d", parts[3]):
+            fs, method = parts[0].split(maxsplit=1)
+            rows[(fs, method.strip())] = tuple(float(v) for v in parts[1:])
+    for fs, entry in original["forget_sets"].items():
+        for method in TINY_METHODS:
+            a, b, diff = rows[(fs, method)]
+            assert a == pytest.approx(entry["methods"][method]["klom"]["forget"]["p95"], abs=5e-4)
+            assert diff == pytest.approx(1.0 if method == "dm_direct" else 0.0, abs=1e-3)
+        assert rows[(fs, "oracle floor")][2] == pytest.approx(0.0, abs=1e-3)
