@@ -180,7 +180,9 @@ class RayExecutor(Executor):
                 connect_ray(ray, address)
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local only: silence the 2.60 token warning
-                ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                # address "local": a new instance of our own; with None, Ray 2.60 joins any Ray already running on
+                # this machine (another run's), and then refuses num_cpus
+                ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
                          configure_logging=False)
             # ray.init replaces the SIGTERM handler with one that exits at once; keep the caller's (`dmu run`
             # turns SIGTERM into Ctrl-C, whose unwinding cancels pending units and shuts Ray down in close())
