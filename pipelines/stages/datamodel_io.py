@@ -16,7 +16,7 @@ import zarr
 from attribution.store import (
     ArraySpec,
     StoreError,
-    as_path,
+    location,
     normalise_config,
     open_group,
     open_store,
@@ -125,7 +125,7 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
         raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
                          "store) or lower the learning rate")
     d = ctx.cfg.datamodels
-    return SubsetSource(path=str(as_path(path)), n_models=logits.shape[0], n_train=masks.shape[1],
+    return SubsetSource(path=location(path), n_models=logits.shape[0], n_train=masks.shape[1],
                         n_targets=logits.shape[1], n_classes=logits.shape[2], labels=ctx.data.y_targets.numpy(),
                         splits=split(logits.shape[0], d.n_val, d.n_lds))
 
