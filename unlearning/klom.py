@@ -3,7 +3,8 @@
 Data flow: logits of unlearned models and of oracle models (retrained without the forget set) -> `margins` ->
 `klom` per point -> `klom_summary` per point set (forget / retain / validation), next to `oracle_floor`;
 `shift_and_spread` splits what KLOM measures into a mean shift and a spread ratio.
-Numpy only; the binning is the project's exact recipe, reference.md §4.
+Numpy only; the binning is the project's exact recipe, reference.md §4; `klom(..., convention="edub")` is the
+public Easy Data Unlearning Bench's variant of it, for setting numbers beside that bench's published ones.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ MARGIN_CLIP = 100.0
 N_BINS = 20
 # reference.md §4: the oracle histogram is floored at 1e-5, then renormalised; KLOM <= about log(1e5) = 11.5.
 EPS = 1e-5
+# `klom` conventions: this project's recipe (reference.md §4) and the Easy Data Unlearning Bench's
+# (RoyRin/data-unlearning-bench, unlearning_bench/eval.py: compute_binned_KL_div).
+CONVENTIONS = ("dmu", "edub")
 
 
 def _as_array(x, name: str) -> np.ndarray:
@@ -73,13 +77,13 @@ def margins(logits, labels) -> np.ndarray:
     return correct - lse
 
 
-def _check_margin_matrix(x, name: str) -> np.ndarray:
+def _check_margin_matrix(x, name: str, keep_float32: bool = False) -> np.ndarray:
     m = _as_array(x, name)
     if m.ndim != 2:
         raise ValueError(f"{name} margins must have shape (n_models, n_points), got shape {m.shape}")
     if m.shape[0] < 1 or m.shape[1] < 1:
         raise ValueError(f"{name} margins need at least one model and one point, got shape {m.shape}")
-    m = m.astype(np.float64)
+    m = m.astype(np.float32 if keep_float32 and m.dtype == np.float32 else np.float64)
     if np.isnan(m).any():
         raise ValueError(f"{name} margins contain NaN; check the logits they were computed from")
     return m
@@ -103,18 +107,21 @@ def _bin_counts(samples: np.ndarray, lo: np.ndarray, hi: np.ndarray, edges: np.n
     return np.bincount(flat, minlength=n_points * N_BINS).reshape(n_points, N_BINS)
 
 
-def _paired_margins(unlearned, oracle) -> tuple[np.ndarray, np.ndarray]:
-    u = _check_margin_matrix(unlearned, "unlearned")
-    o = _check_margin_matrix(oracle, "oracle")
+def _paired_margins(unlearned, oracle, keep_float32: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Both margin matrices, validated, as float64 (as float32 when keep_float32 and both are float32)."""
+    u = _check_margin_matrix(unlearned, "unlearned", keep_float32)
+    o = _check_margin_matrix(oracle, "oracle", keep_float32)
     if u.shape[1] != o.shape[1]:
         raise ValueError(
             f"unlearned and oracle margins must cover the same points: got {u.shape[1]} and {o.shape[1]} "
             "columns"
         )
+    if u.dtype != o.dtype:
+        u, o = u.astype(np.float64), o.astype(np.float64)
     return u, o
 
 
-def klom(unlearned, oracle) -> np.ndarray:
+def klom(unlearned, oracle, *, convention: str = "dmu", reverse: bool = False) -> np.ndarray:
     """KLOM per point: KL(unlearned || oracle) between histograms of margins (reference.md §4).
 
     unlearned: (n_models_u, n_points) margins of unlearned models; oracle: (n_models_o, n_points) margins of
@@ -122,22 +129,58 @@ def klom(unlearned, oracle) -> np.ndarray:
     pooled [min, max] of both samples, every sample counted; p, q normalised; q floored at 1e-5 and
     renormalised; sum over p_b > 0 of p_b log(p_b / q_b); a point where all samples of both groups are equal
     scores 0.
+
+    convention="edub" reproduces the Easy Data Unlearning Bench's function instead
+    (RoyRin/data-unlearning-bench, unlearning_bench/eval.py: compute_binned_KL_div, called per point by
+    kl_from_margins). Same clip, bins and eps, but its bins are np.digitize's half-open [e_b, e_{b+1})
+    throughout, so samples equal to the pooled maximum are dropped and p, q are normalised over the samples
+    kept; q is floored at 1e-5 only in bins where p > 0 (scipy.stats.entropy then renormalises it); and where
+    every sample of p's group equals the pooled maximum (nothing kept) it returns NaN, scipy's 0/0, as does
+    this. At 100 vs 100 models the p95/p99 of the two conventions differ by a few hundredths; at 8 vs 8
+    single points differ by more than 2, one dropped sample being 1/8 of p. The bench bins float32 margins
+    (its stored .pt files) with float32 edges, so when both inputs are float32 this convention bins in float32
+    too and matches it exactly; otherwise it works in float64.
+
+    reverse=True swaps the roles, KL(oracle || unlearned): the bench's run.py calls
+    kl_from_margins(oracle_margins, unlearned_margins), whose first argument is p, so its stored (published)
+    numbers are klom(unlearned, oracle, convention="edub", reverse=True). The default direction is the
+    reference's, KL(unlearned || oracle), the one kl_from_margins names its arguments for.
     """
-    u, o = _paired_margins(unlearned, oracle)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    edub = convention == "edub"
+    u, o = _paired_margins(unlearned, oracle, keep_float32=edub)
+    if reverse:
+        u, o = o, u
     u = np.clip(u, -MARGIN_CLIP, MARGIN_CLIP)
     o = np.clip(o, -MARGIN_CLIP, MARGIN_CLIP)
     lo = np.minimum(u.min(axis=0), o.min(axis=0))
     hi = np.maximum(u.max(axis=0), o.max(axis=0))
     all_equal = hi == lo
-    hi = np.where(all_equal, lo + 1.0, hi)  # any width will do there; those points are set to 0 below
+    hi = np.where(all_equal, lo + 1, hi)  # the bench's width there; those points are set to 0 below
     edges = np.linspace(lo, hi, N_BINS + 1, axis=-1)  # (n_points, N_BINS + 1)
-    p = _bin_counts(u, lo, hi, edges) / u.shape[0]
-    q = _bin_counts(o, lo, hi, edges) / o.shape[0]
-    q = np.maximum(q, EPS)
-    q /= q.sum(axis=1, keepdims=True)
+    p_counts = _bin_counts(u, lo, hi, edges)
+    q_counts = _bin_counts(o, lo, hi, edges)
+    if edub:
+        # np.digitize's last bin is half-open too: samples on the last edge, the pooled maximum, are dropped.
+        p_counts[:, -1] -= (u == hi).sum(axis=0)
+        q_counts[:, -1] -= (o == hi).sum(axis=0)
+        p_kept = p_counts.sum(axis=1, keepdims=True)
+        q_kept = q_counts.sum(axis=1, keepdims=True)
+        p = np.divide(p_counts, p_kept, out=np.zeros(p_counts.shape), where=p_kept > 0)
+        q = np.divide(q_counts, q_kept, out=np.zeros(q_counts.shape), where=q_kept > 0)
+        q = np.where(p > 0, np.maximum(q, EPS), q)  # floored only under p's mass
+    else:
+        p = p_counts / u.shape[0]
+        q = np.maximum(q_counts / o.shape[0], EPS)
+    # q sums to > 0 wherever the value is used (dmu: the floor; edub: p's mass is floored, or q counts all
+    # kept oracle samples); the guard only keeps a 0 / 0 warning away from points that are overwritten below
+    q /= np.maximum(q.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
     has_mass = p > 0
-    terms = np.where(has_mass, p * np.log(np.where(has_mass, p, 1.0) / q), 0.0)
+    terms = np.where(has_mass, p * np.log(np.where(has_mass, p, 1.0) / np.where(has_mass, q, 1.0)), 0.0)
     values = terms.sum(axis=1)
+    if edub:
+        values[p_kept[:, 0] == 0] = np.nan
     values[all_equal] = 0.0
     return values
 

@@ -1,6 +1,7 @@
 """Evaluation metrics besides KLOM: accuracy, per-example cross-entropy, the population membership-inference
-attack and cost as a fraction of retraining. They take logits / losses as arrays (numpy or torch) and return
-numbers; the evaluate stage calls them on unlearned and oracle models' outputs for each point set.
+attack, a per-example (LiRA-style) membership test from the trained ensembles, and cost as a fraction of
+retraining. They take logits / losses / margins as arrays (numpy or torch) and return numbers; the evaluate
+stage calls them on unlearned and oracle models' outputs for each point set.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -16,6 +18,12 @@ from unlearning.klom import _as_array, _check_logits_labels
 
 # reference.md §6: the population MIA of SCRUB / the NeurIPS 2023 kit uses 5-fold cross-validation.
 MIA_FOLDS = 5
+# `lira_scores`: floor on each fitted Gaussian's standard deviation, in margin (logit) units. Margins of
+# trained networks spread over units to tens across models, so it only bites where a group's margins are
+# (near) equal, where an unfloored zero variance would make the log-likelihood infinite.
+LIRA_STD_FLOOR = 1e-3
+# `lira_mia`: the false-positive rate at which the true-positive rate is reported.
+LIRA_FPR = 0.01
 
 
 def _scalar_or_array(x: np.ndarray):
@@ -76,6 +84,72 @@ def population_mia(forget_losses, test_losses, seed: int) -> float:
     # makes K x methods x forget sets of these calls
     scores = [clone(attack).fit(x[a], member[a]).score(x[b], member[b]) for a, b in folds.split(x, member)]
     return float(np.mean(scores))
+
+
+def _check_margins_2d(x, name: str, min_models: int, n_points: int | None = None) -> np.ndarray:
+    m = _as_array(x, name)
+    if m.ndim != 2:
+        raise ValueError(f"{name} must have shape (n_models, n_points), got shape {m.shape}")
+    if m.shape[0] < min_models or m.shape[1] < 1:
+        raise ValueError(f"{name} needs at least {min_models} model(s) and one point, got shape {m.shape}")
+    if n_points is not None and m.shape[1] != n_points:
+        raise ValueError(f"{name} must cover the same {n_points} points as in_margins, got {m.shape[1]}")
+    m = m.astype(np.float64)
+    if not np.isfinite(m).all():
+        raise ValueError(f"{name} contain NaN or inf; check the logits they were computed from")
+    return m
+
+
+def lira_scores(margins, in_margins, out_margins) -> np.ndarray:
+    """Per-example LiRA score: how much likelier each margin is under models trained with the point.
+
+    Per point j, one Gaussian is fitted to in_margins[:, j] (models trained with j: the full models) and one
+    to out_margins[:, j] (models trained without j: the oracles), each by the mean and the sample standard
+    deviation (ddof=1) over models, the latter floored at LIRA_STD_FLOOR. The score of margins[k, j] is
+    log N(m; mu_in, s_in) - log N(m; mu_out, s_out), higher where it looks trained on. The margin
+    z_y - logsumexp_{k != y} z_k equals LiRA's logit-scaled confidence log(p_y / (1 - p_y)) (Carlini et al.
+    2022), so it is used as it is.
+
+    margins: (n_models, n_points) margins to score; in_margins: (n_in, n_points); out_margins:
+    (n_out, n_points); n_in, n_out >= 2. Returns (n_models, n_points) float64.
+    """
+    m_in = _check_margins_2d(in_margins, "in_margins", 2)
+    n_points = m_in.shape[1]
+    m_out = _check_margins_2d(out_margins, "out_margins", 2, n_points)
+    m = _check_margins_2d(margins, "margins", 1, n_points)
+
+    def log_density(x, group):
+        mu = group.mean(axis=0)
+        sd = np.maximum(group.std(axis=0, ddof=1), LIRA_STD_FLOOR)
+        return -0.5 * ((x - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
+
+    return log_density(m, m_in) - log_density(m, m_out)
+
+
+def lira_mia(method_margins, heldout_oracle_margins, in_margins, out_margins) -> dict[str, float]:
+    """Per-example membership test of the forget points (reference.md §6, beside the population MIA).
+
+    Positives: `lira_scores` of every (model, forget point) of method_margins, the unlearned models;
+    negatives: those of heldout_oracle_margins, oracles (trained without the forget set) that were NOT among
+    out_margins: an oracle that helped fit the out-Gaussian looks more "out" than a fresh one, which would
+    inflate the AUC. The Gaussians are fitted to in_margins (the full models) and out_margins (oracles). All
+    are (n_models, n_points) over the same forget points.
+    Returns {"auc": sklearn's roc_auc_score (ties count 1/2), "tpr_at_1pct_fpr": the largest TPR on sklearn's
+    ROC curve at FPR <= 0.01, not interpolated (with under 100 negatives: the TPR at no false positive)}.
+    Ideal after unlearning: AUC about 0.5 and TPR about 0.01; doing nothing: AUC near 1 on memorised points.
+    """
+    m_in = _check_margins_2d(in_margins, "in_margins", 2)
+    n_points = m_in.shape[1]
+    heldout = _check_margins_2d(heldout_oracle_margins, "heldout_oracle_margins", 1, n_points)
+    positives = lira_scores(method_margins, m_in, out_margins).ravel()
+    negatives = lira_scores(heldout, m_in, out_margins).ravel()
+    scores = np.concatenate([positives, negatives])
+    member = np.concatenate([np.ones(positives.size, dtype=int), np.zeros(negatives.size, dtype=int)])
+    fpr, tpr, _ = roc_curve(member, scores, drop_intermediate=False)
+    return {
+        "auc": float(roc_auc_score(member, scores)),
+        "tpr_at_1pct_fpr": float(tpr[fpr <= LIRA_FPR].max()),
+    }
 
 
 def cost_fraction(cost, retrain_cost):

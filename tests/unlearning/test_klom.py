@@ -1,4 +1,5 @@
-"""KLOM and margins against hand-computed values, a slow per-point np.histogram reference and brute force."""
+"""KLOM and margins against hand-computed values, a slow per-point np.histogram reference, a per-point
+transcription of the Easy Data Unlearning Bench's KLOM, and brute force."""
 
 import math
 
@@ -205,3 +206,138 @@ def test_shift_and_spread_of_an_affine_copy():
     with pytest.raises(ValueError, match="same points"):
         shift_and_spread(oracle[:, :3], oracle)
 
+
+
+def edub_klom_point(p_arr: np.ndarray, q_arr: np.ndarray) -> float:
+    """The Easy Data Unlearning Bench's KL for one point, transcribed from its definition with plain loops.
+
+    RoyRin/data-unlearning-bench, unlearning_bench/eval.py, compute_binned_KL_div(p_arr, q_arr): clip to
+    [-100, 100]; 21 edges np.linspace(min, max) over both samples (max = min + 1 if they are all equal);
+    np.digitize puts x in bin b when e_b <= x < e_{b+1}, and only bins 1..20 are counted, so a sample equal
+    to the last edge is in no bin; p, q = counts / kept counts (zeros if none kept); q floored at 1e-5 where
+    p > 0; scipy.stats.entropy(p, q) renormalises both and sums p log(p / q) over p > 0 (NaN if p sums to 0).
+    Works in the arrays' own precision, as the bench does (float32 margins give float32 edges).
+    """
+    p_arr = np.clip(p_arr, -100, 100)
+    q_arr = np.clip(q_arr, -100, 100)
+    start = min(p_arr.min(), q_arr.min())
+    end = max(p_arr.max(), q_arr.max())
+    if start >= end:
+        end = start + 1
+    edges = np.linspace(start, end, 21)
+
+    def counts(arr):
+        c = [0] * 20
+        for x in arr:
+            for b in range(20):
+                if edges[b] <= x < edges[b + 1]:
+                    c[b] += 1
+        return c
+
+    p_counts, q_counts = counts(p_arr), counts(q_arr)
+    p_total, q_total = sum(p_counts), sum(q_counts)
+    if p_total == 0:
+        return math.nan  # scipy.stats.entropy of an all-zero pk: 0 / 0
+    p = [c / p_total for c in p_counts]
+    q = [c / q_total if q_total > 0 else 0.0 for c in q_counts]
+    q_safe = [max(qb, 1e-5) if pb > 0 else qb for pb, qb in zip(p, q)]
+    z = sum(q_safe)
+    return sum(pb * math.log(pb / (qb / z)) for pb, qb in zip(p, q_safe) if pb > 0)
+
+
+def awkward_margins(rng, n_u: int, n_o: int, n_points: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Random margins with edge ties, maxima shared by several samples, clipping and constant groups."""
+    u = rng.normal(size=(n_u, n_points)) * rng.uniform(0.1, 5, n_points) + rng.normal(size=n_points)
+    o = rng.normal(size=(n_o, n_points)) * rng.uniform(0.1, 5, n_points)
+    # Integer margins 0..20 sit exactly on every edge, the maximum 20 on several samples of both groups.
+    u[:, 0] = rng.integers(0, 21, n_u)
+    o[:, 0] = rng.integers(0, 21, n_o)
+    u[:2, 0], o[:2, 0], o[2, 0] = 20, 20, 0
+    # The pooled maximum only in the oracles, then only in the unlearned, repeated.
+    o[:3, 1] = u[:, 1].max() + 1.0
+    u[:3, 2] = o[:, 2].max() + 1.0
+    # Clipping: samples beyond +-100 pile up at 100, which is then the maximum of many samples.
+    u[:, 3] = rng.normal(0, 300, n_u)
+    o[:, 4] = rng.normal(150, 10, n_o)
+    # All samples of both groups equal -> 0.
+    u[:, 5] = 2.5
+    o[:, 5] = 2.5
+    # Every unlearned sample at the pooled maximum: nothing of p kept -> the bench's NaN.
+    u[:, 6] = 7.0
+    o[:, 6] = rng.uniform(-1.0, 6.0, n_o)
+    # Every oracle sample at the pooled maximum: q is zero, floored to eps under p and renormalised.
+    o[:, 7] = 9.0
+    u[:, 7] = rng.uniform(0.0, 8.0, n_u)
+    # A constant oracle below the unlearned samples, and tiny spreads where rounding matters most.
+    o[:, 8] = -1.0
+    u[:, 9] = 1.0 + 1e-12 * rng.normal(size=n_u)
+    o[:, 9] = 1.0 + 1e-12 * rng.normal(size=n_o)
+    return u, o
+
+
+@pytest.mark.parametrize("n_u, n_o", [(8, 8), (100, 100), (12, 30)])
+def test_edub_convention_equals_transcription_of_the_bench(n_u, n_o):
+    rng = np.random.default_rng(10 + n_u + n_o)
+    u, o = awkward_margins(rng, n_u, n_o)
+    n_points = u.shape[1]
+    values = klom(u, o, convention="edub")
+    reference = np.array([edub_klom_point(u[:, j], o[:, j]) for j in range(n_points)])
+    np.testing.assert_allclose(values, reference, rtol=1e-12, atol=1e-12)  # NaN where the reference is NaN
+    assert np.isnan(values[6]) and values[5] == 0.0 and np.isfinite(np.delete(values, 6)).all()
+    # run.py's direction: kl_from_margins(oracle_margins, margins) -> compute_binned_KL_div(oracle, u).
+    stored = klom(u, o, convention="edub", reverse=True)
+    reference = np.array([edub_klom_point(o[:, j], u[:, j]) for j in range(n_points)])
+    np.testing.assert_allclose(stored, reference, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(stored, values, equal_nan=True)
+
+
+def test_edub_convention_bins_float32_like_the_bench():
+    # float32 margins (the bench's stored tensors) are binned against float32 edges, as the bench does.
+    rng = np.random.default_rng(11)
+    u, o = (m.astype(np.float32) for m in awkward_margins(rng, 8, 8, n_points=200))
+    u[:, 10:] = np.float32(1) / 3 + rng.normal(size=(8, 190)).astype(np.float32) * np.float32(1e-6)
+    o[:, 10:] = np.float32(1) / 3 + rng.normal(size=(8, 190)).astype(np.float32) * np.float32(1e-6)
+    values = klom(u, o, convention="edub")
+    reference = np.array([edub_klom_point(u[:, j], o[:, j]) for j in range(u.shape[1])])
+    np.testing.assert_allclose(values, reference, rtol=1e-12, atol=1e-12)
+    # Spreads of a few float32 ulps: float64 edges would bin many of these points differently.
+    in_float64 = klom(u.astype(np.float64), o.astype(np.float64), convention="edub")
+    assert np.sum(~np.isclose(in_float64, reference, equal_nan=True)) > 20
+
+
+def test_edub_convention_by_hand():
+    # Unlearned [0, 0, 1] vs oracle [0, 0, 0]: the bench drops the 1 (the maximum), p = q = e_0 -> exactly 0;
+    # this project counts it (about 3.5, test_sample_equal_to_maximum_is_counted).
+    u = np.array([[0.0], [0.0], [1.0]])
+    o = np.zeros((3, 1))
+    assert klom(u, o, convention="edub")[0] == 0.0
+    assert klom(u, o)[0] > 3.0
+    # Identical samples: q is floored only where p > 0, where q = p >= 1 / n, so exactly 0 (dmu: log1p(k eps))
+    m = np.random.default_rng(12).normal(size=(50, 5))
+    np.testing.assert_allclose(klom(m, m, convention="edub"), 0.0, atol=1e-14)  # up to renormalising q
+    assert np.any(klom(m, m) > 0)  # nonzero wherever a bin is empty
+    # Unlearned [0, 0, 0, 0.5, 1] vs oracle [0, 0.5, 0.5, 1]: the 1s are dropped; p = (3/4 at bin 0, 1/4 at
+    # bin 10), q = (1/3, 2/3) there -> nothing to floor.
+    u = np.array([0.0, 0.0, 0.0, 0.5, 1.0])[:, None]
+    o = np.array([0.0, 0.5, 0.5, 1.0])[:, None]
+    expected = 0.75 * math.log(0.75 / (1 / 3)) + 0.25 * math.log(0.25 / (2 / 3))
+    assert klom(u, o, convention="edub")[0] == pytest.approx(expected, rel=1e-12)
+    reverse = (1 / 3) * math.log((1 / 3) / 0.75) + (2 / 3) * math.log((2 / 3) / 0.25)
+    assert klom(u, o, convention="edub", reverse=True)[0] == pytest.approx(reverse, rel=1e-12)
+
+
+def test_default_convention_is_unchanged():
+    rng = np.random.default_rng(13)
+    u, o = awkward_margins(rng, 8, 8)
+    u[:, 6] = o[:, 6].max() + 1.0  # this project counts every sample: no NaN anywhere
+    values = klom(u, o)
+    np.testing.assert_array_equal(values, klom(u, o, convention="dmu"))
+    reference = np.array([slow_klom_point(u[:, j], o[:, j]) for j in range(u.shape[1])])
+    np.testing.assert_allclose(values, reference, rtol=1e-10, atol=1e-12)
+    # reverse swaps the roles in the default convention too.
+    np.testing.assert_array_equal(klom(u, o, reverse=True), klom(o, u))
+    # At 8 vs 8 the conventions differ by more than 2 on some points (issue 10 item 9 measured 2.4).
+    g = rng.normal(size=(8, 500)), rng.normal(0.5, 1.3, size=(8, 500))
+    assert np.max(np.abs(klom(*g) - klom(*g, convention="edub"))) > 2.0
+    with pytest.raises(ValueError, match="convention must be one of"):
+        klom(u, o, convention="bench")
