@@ -431,7 +431,7 @@ def verify_store(path: str | Path) -> list[str]:
     """Re-read a whole store by blocks of whole files and return its problems, one line each (empty: none):
     declared, schema version, config hash of its config, chunk files that do not decode (CorruptChunkError's
     line), and in stores with a row per model (ROW_KINDS): array lengths that differ from `done`, done rows
-    with non-finite values, rows both done and failed. Memory: one block (VERIFY_BYTES) at a time."""
+    with non-finite values (except in the arrays its attrs list as `nan_allowed`), rows both done and failed. Memory: one block (VERIFY_BYTES) at a time."""
     path = as_path(path)
     if not exists(path):
         return [(f"store {path}: not declared (no dmu attrs): an interrupted creation; rerun its stage to "
@@ -473,7 +473,8 @@ def verify_store(path: str | Path) -> list[str]:
             problems.append(f"store {path}: array {name} has {arr.shape[0]} rows but {prefix}done has "
                             f"{len(done)}: the store is damaged; recompute it in a new run directory")
             done = None
-        check_finite = done is not None and arr.dtype.kind in "fc"
+        # arrays whose NaN means "not applicable" (the store lists them, e.g. MU-Mis's steps in another method)
+        check_finite = done is not None and arr.dtype.kind in "fc" and name not in attrs.get("nan_allowed", [])
         bad_rows: set[int] = set()
         try:
             for sel in _blocks(arr):

@@ -18,6 +18,7 @@ follow the run's one convention: 0..N-1 are the training examples, then the test
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from upath import UPath
 
 from attribution.store import StoreError, as_path, open_store
 from pipelines.config import RunConfig
+from pipelines.reuse import read_links, store_path
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages import load_run_config
 from pipelines.stages.datamodel_io import split
@@ -47,7 +49,8 @@ def open_run(run_dir: str | Path, data_dir: str | Path | None = None) -> Run:
 
 class Run:
     """The stores of one run; see the module docstring. Stores open on first use, so a run that has finished
-    only some stages serves what it has (a missing store is a StoreError naming the stage to run)."""
+    only some stages serves what it has (a missing store is a StoreError naming the stage to run). Stores the
+    run reuses from other runs (`links`, pipelines.reuse) are read where they are."""
 
     def __init__(self, run_dir: str | Path, data_dir: str | Path | None = None):
         self.run_dir: UPath = as_path(run_dir)
@@ -60,16 +63,22 @@ class Run:
 
     # ---- stores ------------------------------------------------------------------------------------------
 
+    @property
+    def links(self) -> dict[str, str]:
+        """The stores this run reuses from other runs: {name in the run ("models.zarr"): location}."""
+        return read_links(self.run_dir)
+
     @cached_property
     def subsets(self) -> zarr.Group:
         """subsets.zarr: `masks` (M, N) bool, `logits` (M, T, C), `done` (M,)."""
-        return open_store(self.run_dir / "subsets.zarr", "subsets")
+        return open_store(store_path(self.run_dir, "subsets.zarr"), "subsets")
 
     def datamodels(self, method: str = "lasso") -> zarr.Group:
         """datamodels/<method>.zarr (lasso | trak): `weights` (N, T, C), `margin_weights` (N, T), `bias`,
         `margin_bias`, `lds`, `margin_lds`, ..."""
         if method not in self._datamodels:
-            self._datamodels[method] = open_store(self.run_dir / "datamodels" / f"{method}.zarr", "datamodels")
+            self._datamodels[method] = open_store(store_path(self.run_dir, f"datamodels/{method}.zarr"),
+                                                  "datamodels")
         return self._datamodels[method]
 
     @cached_property
@@ -83,8 +92,10 @@ class Run:
         return forget_sets_stage.load(self.run_dir)
 
     def unlearned(self, forget_set: str, method: str) -> zarr.Group:
-        """unlearned/<forget_set>/<method>.zarr: `logits` (K, T, C), `seconds`, `example_passes`, `done`."""
-        return open_store(self.run_dir / "unlearned" / forget_set / f"{method}.zarr", "unlearned")
+        """The unlearned store of a method (or a variant's label as the report names it: dm_matching@3x,
+        dm_matching[trak]): `logits` (K, T, C), `seconds`, `example_passes`, diagnostics, `done`."""
+        name = re.sub(r"@([0-9.e+-]+)x$", r"__x\1", method).replace("[", "__").replace("]", "")
+        return open_store(store_path(self.run_dir, f"unlearned/{forget_set}/{name}.zarr"), "unlearned")
 
     @property
     def metrics(self) -> dict | None:
@@ -107,14 +118,21 @@ class Run:
     @property
     def test_targets(self) -> np.ndarray:
         """Target indices of the test examples (N..T-1), from whichever of subsets.zarr and models.zarr exists."""
-        group = self.subsets if (self.run_dir / "subsets.zarr").exists() else self.models
+        group = self.subsets if store_path(self.run_dir, "subsets.zarr").exists() else self.models
         return np.arange(*group.attrs["targets"]["test"])
 
     @property
-    def lds_models(self) -> slice:
-        """The subset models held out for LDS (never fit by the datamodels): the last datamodels.n_lds rows."""
+    def lds_models(self) -> slice | np.ndarray:
+        """The subset models held out for LDS (never fit by the datamodels): the last datamodels.n_lds rows, as a
+        slice; an index array where the datamodels dropped failed models among them (datamodels.drop_failed)."""
         d = self.config.datamodels
-        return split(int(self.subsets["masks"].shape[0]), d.n_val, d.n_lds)[2]
+        try:
+            dropped = self.datamodels("lasso").attrs.get("dropped_rows", [])
+        except StoreError:
+            dropped = []
+        rows = split(int(self.subsets["masks"].shape[0]), d.n_val, d.n_lds, np.asarray(dropped, np.int64))[2]
+        contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
+        return slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
 
     def point_sets(self, forget_set: str) -> dict[str, np.ndarray]:
         """Target indices of the forget, retain (the other training points) and validation (test) points of a

@@ -35,6 +35,7 @@ from attribution.store import (
 )
 from pipelines.config import ConfigError, load_config
 from pipelines.executor import ClusterError, UnitError
+from pipelines.reuse import read_links
 from pipelines.tasks import DataError
 
 USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, ClusterError, FileNotFoundError,
@@ -58,6 +59,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     if args.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    if args.reuse:  # after the config's own `reuse` entries
+        cfg = dataclasses.replace(cfg, reuse=tuple(dict.fromkeys(cfg.reuse + tuple(args.reuse))))
     stages = args.stages.split(",") if args.stages else list(cfg.stages)
     ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir(), address=args.address)
     # signal handlers can only be set from the main thread (an embedding caller may run us elsewhere)
@@ -81,15 +84,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.verify:
         verify_run(path)
         return
-    stores = [path] if exists(path) else find_stores(path)
-    if not stores:
+    links = {} if exists(path) else read_links(path)  # stores reused from other runs (pipelines.reuse)
+    reused = {str(as_path(target)): rel for rel, target in links.items() if rel.endswith(".zarr")
+              and exists(target)}
+    stores = [path] if exists(path) else find_stores(path) + [as_path(target) for target in reused]
+    if not stores and not links:
         raise StoreError(f"no Zarr store at or under {path}: pass a store (runs/demo/subsets.zarr) or a run dir")
+    if links and not args.json:
+        print(f"{path} reuses, read-only:")
+        for rel, target in links.items():
+            present = as_path(target).exists() if not rel.endswith(".zarr") else exists(target)
+            print(f"  {rel} -> {target}{'' if present else '  (gone)'}")
     for store in stores:
         info = summary(store)
+        if str(store) in reused:
+            info["reused_as"] = reused[str(store)]
         if args.json:
             print(json.dumps(info, indent=2, default=str))
             continue
-        print(f"{info['path']}  [{info['kind']}]")
+        print(f"{info['path']}  [{info['kind']}]" + (f"  (reused as {info['reused_as']})" if "reused_as" in info
+                                                     else ""))
         for name, a in info["arrays"].items():
             print(f"  {name:<24} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
         print(f"  on disk: {info['bytes_on_disk'] / 2**20:.1f} MiB ({info.get('bytes_uncompressed', 0) / 2**20:.1f} "
@@ -131,7 +145,7 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
     from pipelines.stages.datamodel_io import datamodels_config
     from pipelines.stages.models import models_config
     from pipelines.stages.subsets import subsets_config
-    from pipelines.stages.unlearn import unlearned_config
+    from pipelines.stages.unlearn import load_tuned, unlearned_config, variants
 
     try:
         if kind == "subsets":
@@ -139,13 +153,15 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
         if kind == "datamodels":
             return datamodels_config(cfg, store.name.removesuffix(".zarr"))
         if kind == "models":
-            return models_config(cfg, forget_sets_stage.load(run_dir))
+            return models_config(cfg, forget_sets_stage.load(run_dir), forget_sets_stage.load(run_dir, "tuning"))
         if kind == "unlearned":
             fs = store.parent.name
             sets = forget_sets_stage.load(run_dir)
             if fs not in sets:
                 return None
-            return unlearned_config(cfg, fs, sets[fs], store.name.removesuffix(".zarr"))
+            chosen = {v.store_name: v for v in variants(cfg, load_tuned(run_dir, cfg))}
+            variant = chosen.get(store.name.removesuffix(".zarr"))
+            return unlearned_config(cfg, fs, sets[fs], variant) if variant is not None else None
     except (StoreError, KeyError):
         return None
     return None
@@ -166,10 +182,17 @@ def verify_run(path) -> None:
     if stores == [path]:
         run_dir = next((p for p in (path.parent, path.parent.parent, path.parent.parent.parent)
                         if (p / "config.json").exists()), path.parent)
-    if not stores:
+    problems: list[str] = []
+    if stores != [path]:  # a run directory: also the stores it reuses from other runs (pipelines.reuse)
+        for rel, target in read_links(path).items():
+            if rel.endswith(".zarr") and exists(target):
+                stores.append(as_path(target))
+            elif not as_path(target).exists():
+                problems.append(f"{path}: {rel} is reused from {target}, which is gone: rerun `dmu run` on this "
+                                "run (it computes the store here), or restore it")
+    if not stores and not problems:
         raise StoreError(f"no Zarr store at or under {path}: pass a run directory (runs/demo) or a store")
     cfg = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
-    problems: list[str] = []
     for store in stores:
         found = verify_store(store)
         if exists(store):
@@ -229,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--run-dir", help="run directory, a local path or an object-store URL such as "
                    "s3://bucket/runs/demo (default: the config's run_dir, else runs/<name>)")
+    p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="read, read-only, the stores of this other run whose config matches this run's, "
+                   "instead of computing them (repeatable; added to the config's `reuse`)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="what a store (or every store of a run dir) holds and how complete it is")

@@ -94,6 +94,9 @@ class DatamodelsConfig:
     trak_checkpoints: int = 10
     trak_proj_dim: int = 512
     trak_lambda_reg: float = 1e-3
+    # failed (diverged) subset models: refused (false; rerun the subsets stage, which retrains them), or dropped
+    # from their split and recorded in the datamodel stores' attrs (true)
+    drop_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,32 @@ class UnlearnConfig:
     # methods run on every full model for every forget set (unlearning.METHODS; retraining = the oracles)
     methods: tuple[str, ...] = ("do_nothing", "dm_direct", "dm_matching", "oracle_matching", "mu_mis",
                                 "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub")
-    # which datamodel store DM-Direct and DMM read: lasso | trak
-    datamodel: str = "lasso"
+    # the datamodel stores DM-Direct and DMM read (lasso | trak): each gets its own rows, e.g. dm_matching[trak]
+    datamodels: tuple[str, ...] = ("lasso",)
     # hyperparameter overrides per method, e.g. {dm_matching: {epochs: 2}}; keys are checked against the
-    # method's Hyperparameters dataclass
+    # method's Hyperparameters dataclass. The tune stage's choice (tune.json), where it ran, replaces them.
     hparams: dict = field(default_factory=dict)
+    # compute budgets: each method with an iterative budget (epochs; MU-Mis's max_steps) also runs at these
+    # multiples of its tuned setting (rounded, at least 1), e.g. [0.33, 1, 3]; rows such as dm_matching@3x
+    budgets: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The tune stage (issue 10): hyperparameters chosen by KLOM on tuning forget sets of the evaluated kinds,
+    disjoint from every evaluated set and drawn from their own seed stream, against their own oracles."""
+
+    # random tuning sets of these sizes (drawn from the points outside every evaluated set)
+    random_sizes: tuple[int, ...] = (50,)
+    # every training point of this class outside the evaluated sets (None: no class set; best another class
+    # than forget_sets.full_class)
+    full_class: int | None = None
+    # the pc_top_k highest scores on PC3 of the margin-datamodel matrix, outside the evaluated sets (0: none)
+    pc_top_k: int = 0
+    # full models unlearned per tuning set and grid point (the first k), and reference oracles per tuning set
+    k: int = 8
+    # per method, values to try: {dm_matching: {lr: [1.0e-3, 5.0e-3]}}; every combination, over unlearn.hparams
+    grid: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,6 +183,9 @@ class RunConfig:
     # where the stores go (None: runs/<name>): a local path, or an object-store URL (s3://bucket/runs/demo; gs://
     # with gcsfs) that every node of a cluster reaches, credentials and endpoint from the environment
     run_dir: str | None = None
+    # other run directories (paths or URLs) whose stores this run reads, read-only, where their recorded config
+    # equals this run's and they are complete (pipelines.reuse; `dmu run --reuse` appends)
+    reuse: tuple[str, ...] = ()
     # stages run by `dmu run` when --stages is not given
     stages: tuple[str, ...] = ("subsets",)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -167,6 +194,7 @@ class RunConfig:
     forget_sets: ForgetSetsConfig = field(default_factory=ForgetSetsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def resolved_run_dir(self) -> UPath:
@@ -298,3 +326,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"datamodels.target_chunk must be positive, got {cfg.datamodels.target_chunk}")
     if cfg.executor.kind not in ("ray", "serial"):
         raise ConfigError(f"executor.kind must be 'ray' or 'serial', got {cfg.executor.kind!r}")
+    u, t = cfg.unlearn, cfg.tune
+    for dm in u.datamodels:
+        if dm not in ("lasso", "trak"):
+            raise ConfigError(f"unlearn.datamodels entries must be lasso or trak, got {dm!r}")
+    if not u.datamodels or len(set(u.datamodels)) != len(u.datamodels):
+        raise ConfigError(f"unlearn.datamodels must name each datamodel store once, got {list(u.datamodels)}")
+    if not u.budgets or any(not (b > 0 and b < float("inf")) for b in u.budgets) or 1.0 not in u.budgets:
+        raise ConfigError(f"unlearn.budgets must be positive multiples that include 1 (the tuned setting), got "
+                          f"{list(u.budgets)}")
+    if t.k < 2:
+        raise ConfigError(f"tune.k must be at least 2 (KLOM compares ensembles), got {t.k}")
+    if any(size < 1 for size in t.random_sizes) or t.pc_top_k < 0:
+        raise ConfigError("tune.random_sizes and tune.pc_top_k must be positive")

@@ -194,10 +194,10 @@ def drive(ctx: RunContext, fn: Callable, units: list[tuple], shared: dict, write
 
 
 def _stages() -> dict[str, Callable[[RunContext], None]]:
-    from pipelines.stages import datamodels, forget_sets, models, report, subsets, unlearn
+    from pipelines.stages import datamodels, forget_sets, models, report, subsets, tune, unlearn
 
     return {"subsets": subsets.run, "datamodels": datamodels.run, "forget_sets": forget_sets.run, "models": models.run,
-            "unlearn": unlearn.run, "report": report.run}
+            "tune": tune.run, "unlearn": unlearn.run, "report": report.run}
 
 
 def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
@@ -205,11 +205,15 @@ def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; known, in order: {', '.join(known)}")
-    if "unlearn" in stages:  # unknown methods or hyperparameters: refused before any stage trains anything
+    if "unlearn" in stages or "tune" in stages:  # unknown methods or hyperparameters: refused before any stage trains anything
         from pipelines.stages.unlearn import check_methods
 
         check_methods(ctx.cfg)
     make_dirs(ctx.run_dir)  # an object store: checks that its bucket answers (one clear error if not)
+    if ctx.cfg.reuse and set(stages) - {"report"}:  # the runs whose stores this one may read (pipelines.reuse)
+        from pipelines.reuse import check_sources
+
+        check_sources(ctx.run_dir, ctx.cfg.reuse)
     # the run's config, for `dmu unlearn` / `dmu report` (each store also keeps the part it depends on)
     write_text(ctx.run_dir / "config.json", json.dumps(to_dict(ctx.cfg), indent=2))
     for name in stages:

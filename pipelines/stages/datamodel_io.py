@@ -4,15 +4,21 @@ They read the subset models of subsets.zarr through `SubsetSource`, which checks
 then hands work units only the slices they ask for (masks by model rows; logits and margins by model rows and
 targets), so no process holds the (M, T, C) logits. They write one store schema, datamodels/<method>.zarr
 (`store_arrays`), whose target chunks are owned by one work unit each.
+
+Failed subset models are refused, or with `datamodels.drop_failed` left out: the fit / validation / LDS splits
+(`split`) are then index arrays over the surviving rows (read one block of stored rows at a time), the stores'
+config holds `drop_failed: true` and their attrs `dropped_rows` and `dropped_seeds` (`dropped_attrs`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
+from attribution.masks import model_seeds
 from attribution.store import (
     ArraySpec,
     StoreError,
@@ -24,17 +30,24 @@ from attribution.store import (
     row_ranges,
 )
 from pipelines.config import ConfigError, RunConfig, to_dict
+from pipelines.reuse import store_path
 from pipelines.stages import RunContext
-from pipelines.stages.subsets import subsets_config
+from pipelines.stages.subsets import SUBSET_TRAIN_STREAM, subsets_config
 from unlearning.klom import margins
+
+log = logging.getLogger("dmu")
 
 KIND = "datamodels"
 ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
 CHECK_TARGETS = 1024  # targets per read when the driver checks the subset logits (a multiple of their 128-chunks)
+Rows = slice | np.ndarray  # model rows: a slice or an index array
 
 
-def split(n_models: int, n_val: int, n_lds: int) -> tuple[slice, slice, slice]:
-    """Fit / validation / LDS slices of the subset models (by index, so they are disjoint)."""
+def split(n_models: int, n_val: int, n_lds: int,
+          dropped: np.ndarray = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit / validation / LDS rows of the subset models, increasing and disjoint: by position in the store, the
+    first M - n_val - n_lds fit, the next n_val choose λ, the last n_lds measure LDS; the `dropped` rows (failed
+    models, datamodels.drop_failed) are removed from their own split, so every other model keeps its role."""
     n_fit = n_models - n_val - n_lds
     if n_val < 1 or n_lds < 1:
         raise ConfigError(f"datamodels.n_val and datamodels.n_lds must be >= 1 (held-out models to choose λ and "
@@ -42,7 +55,16 @@ def split(n_models: int, n_val: int, n_lds: int) -> tuple[slice, slice, slice]:
     if n_fit < 2:
         raise ConfigError(f"subsets.n_models = {n_models} leaves {n_fit} models to fit after n_val = {n_val} and "
                           f"n_lds = {n_lds}: train more subset models or hold out fewer")
-    return slice(0, n_fit), slice(n_fit, n_fit + n_val), slice(n_fit + n_val, n_models)
+    keep = np.ones(n_models, dtype=bool)
+    keep[np.asarray(dropped, dtype=np.int64)] = False
+    bounds = ((0, n_fit), (n_fit, n_fit + n_val), (n_fit + n_val, n_models))
+    splits = tuple(np.flatnonzero(keep[a:b]) + a for a, b in bounds)
+    for name, rows, least, (a, b) in zip(("fit", "validation", "LDS"), splits, (2, 1, 1), bounds):
+        if len(rows) < least:
+            raise StoreError(f"subsets.zarr: only {len(rows)} of the {b - a} {name} models (rows {a}..{b - 1}) did "
+                             "not fail: rerun the subsets stage (dmu run CONFIG --stages subsets), which retrains "
+                             "the failed ones")
+    return splits
 
 
 @dataclass
@@ -59,7 +81,8 @@ class SubsetSource:
     n_targets: int
     n_classes: int
     labels: np.ndarray  # (T,) the targets' labels, for margins
-    splits: tuple[slice, slice, slice]  # fit, validation, LDS models
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray]  # fit, validation, LDS model rows (`split`)
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # failed rows left out
     _group: zarr.Group | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -71,28 +94,68 @@ class SubsetSource:
             self._group = open_group(self.path, mode="r")
         return self._group
 
-    def masks(self, rows: slice = slice(None)) -> np.ndarray:
-        """(m, N) bool training-set indicators of the models in `rows` (a corrupt chunk: CorruptChunkError)."""
-        return np.asarray(read(self.group["masks"], rows, store=self.path), dtype=bool)
+    @property
+    def rows(self) -> np.ndarray:
+        """Every model row the datamodels use: the fit, validation and LDS rows in this order (increasing)."""
+        return np.concatenate(self.splits)
 
-    def logits(self, rows: slice, targets: slice) -> np.ndarray:
+    def positions(self) -> tuple[slice, slice, slice]:
+        """Where the fit, validation and LDS models lie in what `masks(self.rows)` and `outputs(self.rows, ...)`
+        return."""
+        a, b = len(self.splits[0]), len(self.splits[0]) + len(self.splits[1])
+        return slice(0, a), slice(a, b), slice(b, b + len(self.splits[2]))
+
+    def checkpoints(self, n: int) -> np.ndarray:
+        """Rows of TRAK's n checkpoints: the first n subset models that were not dropped."""
+        return np.setdiff1d(np.arange(n + len(self.dropped)), self.dropped)[:n]
+
+    def _read(self, name: str, rows: Rows, rest: tuple = ()) -> np.ndarray:
+        """`name`[rows, *rest]; rows: a slice or an index array, read one block of stored rows at a time (each
+        chunk once; memory: the result plus one block)."""
+        arr = self.group[name]
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) == 0 or np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+                rows = slice(int(rows[0]), int(rows[0]) + len(rows)) if len(rows) else slice(0, 0)
+        if isinstance(rows, slice):
+            return read(arr, (rows, *rest), store=self.path)
+        block = arr.shards[0] if arr.shards else arr.chunks[0]
+        out = None
+        for b in np.unique(rows // block):
+            at = np.flatnonzero(rows // block == b)
+            lo, hi = int(rows[at].min()), int(rows[at].max()) + 1
+            part = read(arr, (slice(lo, hi), *rest), store=self.path)
+            if out is None:
+                out = np.empty((len(rows), *part.shape[1:]), dtype=part.dtype)
+            out[at] = part[rows[at] - lo]
+        return out
+
+    def masks(self, rows: Rows = slice(None)) -> np.ndarray:
+        """(m, N) bool training-set indicators of the models in `rows` (a corrupt chunk: CorruptChunkError)."""
+        return np.asarray(self._read("masks", rows), dtype=bool)
+
+    def params(self, rows: Rows) -> np.ndarray:
+        """(m, P) float32 parameters of the models in `rows` (kept for the first subsets.keep_params models)."""
+        return np.asarray(self._read("params", rows), dtype=np.float32)
+
+    def logits(self, rows: Rows, targets: slice) -> np.ndarray:
         """(m, t, C) float32 logits of the models in `rows` on `targets` (only those targets' chunks are read;
         a corrupt chunk: CorruptChunkError)."""
-        return np.asarray(read(self.group["logits"], (rows, targets), store=self.path), dtype=np.float32)
+        return np.asarray(self._read("logits", rows, (targets,)), dtype=np.float32)
 
-    def outputs(self, rows: slice, targets: slice) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, rows: Rows, targets: slice) -> tuple[np.ndarray, np.ndarray]:
         """Logits (m, t, C) and margins (m, t) float32 of the models in `rows` on `targets`."""
         logits = self.logits(rows, targets)
         return logits, margins(logits, self.labels[targets]).astype(np.float32)
 
 
 def open_subsets(ctx: RunContext) -> SubsetSource:
-    """subsets.zarr of this run, checked against its task and config, without failed models, complete and finite
-    (read in blocks of models, so the check holds one block's logits at a time).
+    """subsets.zarr of this run, checked against its task and config, complete and finite (read in blocks of
+    models, so the check holds one block's logits at a time).
 
-    Failed models (diverged: `failed` set, not done) are refused, not dropped: the fit / validation / LDS splits
-    are slices by index, and a rerun of the subsets stage retrains the failed rows."""
-    path = ctx.run_dir / "subsets.zarr"
+    Failed models (diverged: `failed` set, not done) are refused (a rerun of the subsets stage retrains them),
+    or with datamodels.drop_failed left out of their split (`split`) and named in `SubsetSource.dropped`."""
+    path = store_path(ctx.run_dir, "subsets.zarr")  # a reused run's where linked (pipelines.reuse)
     group = open_store(path, "subsets")
     if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
         raise StoreError(f"{path} holds models of another dataset ({group.attrs.get('dataset')}, fingerprint "
@@ -100,13 +163,16 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     if group.attrs.get("config") != normalise_config(subsets_config(ctx.cfg)):
         raise StoreError(f"{path} was made with another subsets/task config: rerun the subsets stage with this "
                          "config first")
-    failed = np.flatnonzero(read(group["failed"], store=path))
-    if len(failed):
+    d = ctx.cfg.datamodels
+    failed_flags = np.asarray(read(group["failed"], store=path), dtype=bool)
+    failed = np.flatnonzero(failed_flags)
+    if len(failed) and not d.drop_failed:
         raise StoreError(f"subsets.zarr has {len(failed)} failed models (non-finite outputs; rows "
                          f"{row_ranges(failed)}): rerun the subsets stage (dmu run CONFIG --stages subsets), which "
-                         "retrains them; if they fail again, lower task.recipe.lr in a new run directory")
+                         "retrains them (if they fail again, lower task.recipe.lr in a new run directory), or set "
+                         "datamodels.drop_failed: true to fit the datamodels without them")
     done = np.asarray(read(group["done"], store=path))
-    if not done.all():
+    if not (done | failed_flags).all():  # failed rows are not done: with drop_failed they are left out
         raise StoreError(f"subsets.zarr has {int(done.sum())}/{done.size} models done: finish the subsets stage "
                          "first (dmu run CONFIG --stages subsets resumes it)")
     masks, logits = group["masks"], group["logits"]
@@ -120,14 +186,17 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
         for t0 in range(0, logits.shape[1], CHECK_TARGETS):
             rows = read(logits, (slice(start, start + block), slice(t0, t0 + CHECK_TARGETS)), store=path)
             bad.update((start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist())
-    bad = sorted(bad)
+    bad = sorted(bad - set(failed.tolist()))
     if bad:
         raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
                          "store) or lower the learning rate")
-    d = ctx.cfg.datamodels
+    splits = split(logits.shape[0], d.n_val, d.n_lds, failed)
+    if len(failed):
+        log.warning("datamodels.drop_failed: dropping %d failed subset models (rows %s); fitting on %d, "
+                    "validating on %d, LDS on %d", len(failed), row_ranges(failed), *map(len, splits))
     return SubsetSource(path=location(path), n_models=logits.shape[0], n_train=masks.shape[1],
                         n_targets=logits.shape[1], n_classes=logits.shape[2], labels=ctx.data.y_targets.numpy(),
-                        splits=split(logits.shape[0], d.n_val, d.n_lds))
+                        splits=splits, dropped=failed.astype(np.int64))
 
 
 def datamodels_config(cfg: RunConfig, method: str) -> dict:
@@ -135,7 +204,29 @@ def datamodels_config(cfg: RunConfig, method: str) -> dict:
     keys = {"lasso": ("n_val", "n_lds", "n_lambdas", "lambda_ratio", "target_chunk", "weights_dtype"),
             "trak": ("n_val", "n_lds", "trak_checkpoints", "trak_proj_dim", "trak_lambda_reg", "target_chunk",
                      "weights_dtype")}
-    return {"subsets": subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]}}
+    # drop_failed only when set: a store fit on every model keeps the config (and hash) it had before the key
+    drop = {"drop_failed": True} if d.drop_failed else {}
+    return {"subsets": subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]}, **drop}
+
+
+def dropped_attrs(cfg: RunConfig, source: SubsetSource) -> dict:
+    """What a datamodel store records of the failed subset models it was fit without (datamodels.drop_failed):
+    their rows and training seeds (empty lists: none)."""
+    rows = [int(r) for r in source.dropped]
+    seeds = [int(model_seeds(1, cfg.seed, SUBSET_TRAIN_STREAM, start=r)[0]) for r in rows]
+    return {"dropped_rows": rows, "dropped_seeds": seeds}
+
+
+def check_dropped(group: zarr.Group, path, source: SubsetSource) -> None:
+    """Refuse to resume a datamodel store fit without other subset models than those dropped now (the subsets
+    stage retrained some since, or others failed): its finished parts would mix two sets of models."""
+    stored = [int(r) for r in group.attrs.get("dropped_rows", [])]
+    now = [int(r) for r in source.dropped]
+    if stored != now:
+        raise StoreError(f"{path} was fit without the failed subset models "
+                         f"{row_ranges(np.array(stored)) if stored else '(none)'}, but the failed ones are now "
+                         f"{row_ranges(np.array(now)) if now else '(none)'}: move it away to fit it again on "
+                         "today's models, or use a new run directory (--run-dir)")
 
 
 def store_arrays(n_train: int, n_targets: int, n_classes: int, target_chunk: int,

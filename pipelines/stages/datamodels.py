@@ -1,7 +1,9 @@
 """Stage `datamodels`: linear datamodels from subsets.zarr into runs/<name>/datamodels/<method>.zarr.
 
 The subset models are split by index: the first M - n_val - n_lds fit the datamodels, the next n_val choose λ per
-target, the last n_lds (never used for fitting) measure LDS. Targets are every class logit of every target (T x C
+target, the last n_lds (never used for fitting) measure LDS; with `datamodels.drop_failed`, failed models are left
+out of their split (the others keep their roles) and every unit (Gram rows, LASSO chunks, the LDS curve, TRAK) uses
+the same surviving rows (`SubsetSource.splits`). Targets are every class logit of every target (T x C
 regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin.
 
 LASSO in bounded memory (issue 9): first the masks' Gram sums XᵀX of the fit and validation models, once per
@@ -13,7 +15,8 @@ array; the driver marks chunks done (resumable per chunk). Peak memory per stage
 Store (both methods, `datamodel_io.store_arrays`): `weights` (N, T, C) chunked along N (a forget request reads
 only its rows), `bias` (T, C), `lambda` (T, C), `val_mse` (T, C), `lds` (T, C), the same for margins
 (`margin_weights` (N, T), ...), `done` per target chunk; LASSO adds `xtx_fit`, `xtx_val` (N, N) float32,
-`x_sum_fit`, `x_sum_val` (N,), `gram_done`; attrs: model counts, solver settings, mean LDS, the LDS-vs-models curve.
+`x_sum_fit`, `x_sum_val` (N,), `gram_done`; attrs: model counts, solver settings, mean LDS, the LDS-vs-models curve,
+the dropped failed models (`dropped_rows`, `dropped_seeds`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from attribution.lasso import LassoDatamodels, MaskGram
 from attribution.lds import lds
 from attribution.store import ArraySpec, location, open_group, open_or_create
 from pipelines.config import ConfigError
+from pipelines.reuse import reuse_store
 from pipelines.stages import RunContext, drive
 from pipelines.stages.datamodel_io import (
     KIND,
     SubsetSource,
+    check_dropped,
     datamodels_config,
+    dropped_attrs,
     lds_summary,
     open_subsets,
     store_arrays,
@@ -63,9 +69,9 @@ def gram_rows(unit: tuple[int, int], *, source: SubsetSource, store: str) -> Non
             group[f"x_sum_{name}"][:] = gram.x_sum
 
 
-def stored_grams(group, splits: tuple[slice, slice, slice]) -> tuple[MaskGram, MaskGram]:
+def stored_grams(group, splits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[MaskGram, MaskGram]:
     """The fit and validation MaskGrams of a store; XᵀX stays in the store and is read by blocks of rows."""
-    return tuple(MaskGram(group[f"xtx_{name}"], np.asarray(group[f"x_sum_{name}"][:]), rows.stop - rows.start)
+    return tuple(MaskGram(group[f"xtx_{name}"], np.asarray(group[f"x_sum_{name}"][:]), len(rows))
                  for name, rows in zip(("fit", "val"), splits[:2]))
 
 
@@ -74,11 +80,11 @@ def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, 
     """Work unit: LASSO datamodels of targets t0..t1-1 (every class logit, and the margin) with LDS, written into
     the store's target chunk t0..t1-1."""
     t0, t1 = unit
-    fit, val, held = source.splits
+    fit, val, held = source.positions()
     group = open_group(store, mode="r+")
     gram, gram_val = stored_grams(group, source.splits)
-    masks = source.masks()
-    logits, margin = source.outputs(slice(None), slice(t0, t1))
+    masks = source.masks(source.rows)
+    logits, margin = source.outputs(source.rows, slice(t0, t1))
     y = np.concatenate([logits.reshape(len(logits), -1), margin], axis=1)
     del logits, margin
     est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
@@ -101,12 +107,12 @@ def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, 
 def curve_point(unit: tuple[int, int], *, source: SubsetSource, sizes: tuple[int, ...], n_lambdas: int,
                 lambda_ratio: float) -> list[float]:
     """Work unit: LDS (mean over up to CURVE_TARGETS test-target margins) of LASSO fit on the first sizes[i]
-    models (its own Gram: the first n models are not the whole fit set)."""
+    fit models (its own Gram: the first n models are not the whole fit set)."""
     n = sizes[unit[0]]
-    _, val, held = source.splits
+    _, val, held = source.positions()
     targets = slice(source.n_train, min(source.n_targets, source.n_train + CURVE_TARGETS))
-    masks = source.masks()
-    _, margin = source.outputs(slice(None), targets)
+    masks = source.masks(source.rows)
+    _, margin = source.outputs(source.rows, targets)
     est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
     est.fit(masks[:n], margin[:n], masks[val], margin[val])
     return [int(n), float(np.nanmean(lds(est.coef_, est.intercept_, masks[held], margin[held])))]
@@ -114,7 +120,7 @@ def curve_point(unit: tuple[int, int], *, source: SubsetSource, sizes: tuple[int
 
 def lasso_curve(ctx: RunContext, source: SubsetSource) -> list[list[float]]:
     d = ctx.cfg.datamodels
-    n_fit = source.splits[0].stop
+    n_fit = len(source.splits[0])
     sizes = tuple(n for n in d.lds_curve if n <= n_fit)
     for n in sorted(set(d.lds_curve) - set(sizes)):
         log.warning("lds_curve: %d models requested but only %d fit the datamodels; skipped", n, n_fit)
@@ -134,9 +140,11 @@ def run_lasso(ctx: RunContext, source: SubsetSource) -> None:
               **gram_arrays(data.n_train)}
     group = open_or_create(path, arrays, kind=KIND, config=datamodels_config(cfg, "lasso"),
                            attrs={**ctx.dataset_attrs(), "method": "lasso", "target_chunk": chunk,
-                                  "n_fit": source.splits[0].stop, "n_val": d.n_val, "n_lds": d.n_lds,
+                                  **dict(zip(("n_fit", "n_val", "n_lds"), map(len, source.splits))),
+                                  **dropped_attrs(cfg, source),
                                   "solver": {"n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
                                              "dtype": "float32", "refit_on": "fit + validation models"}})
+    check_dropped(group, path, source)
     store = location(path)
     rows = group["xtx_fit"].chunks[0]
     gram_done = np.asarray(group["gram_done"][:])
@@ -161,10 +169,14 @@ def run(ctx: RunContext) -> None:
     unknown = [m for m in d.methods if m not in ("lasso", "trak")]
     if unknown:
         raise ConfigError(f"unknown datamodels.methods {unknown}: use lasso and/or trak")
+    # stores a reused run holds, complete and made with this config, are read there (pipelines.reuse)
+    methods = [m for m in d.methods if not reuse_store(ctx, f"datamodels/{m}.zarr", datamodels_config(ctx.cfg, m))]
+    if not methods:
+        return
     source = open_subsets(ctx)
-    if "lasso" in d.methods:
+    if "lasso" in methods:
         run_lasso(ctx, source)
-    if "trak" in d.methods:
+    if "trak" in methods:
         from pipelines.stages.trak import run_trak
 
         run_trak(ctx, source)

@@ -20,12 +20,14 @@ from upath import UPath
 
 from attribution.masks import model_rng
 from attribution.store import StoreError, as_path, diff_keys, normalise_config, open_store, write_text
-from pipelines.config import RunConfig, to_dict
+from pipelines.config import ConfigError, RunConfig, to_dict
+from pipelines.reuse import reuse_store, store_path
 from pipelines.stages import RunContext
 
 log = logging.getLogger("dmu")
 
 FORGET_STREAM = 7  # seed stream of the random forget sets
+TUNE_STREAM = 9  # seed stream of the random tuning sets (the tune stage's, disjoint from the evaluated sets)
 PCA_STREAM = 8  # seed stream of the randomized SVD's Gaussian test matrix
 
 
@@ -164,7 +166,51 @@ def fingerprint(indices: np.ndarray) -> int:
 
 
 def forget_sets_config(cfg: RunConfig) -> dict:
-    return {"seed": cfg.seed, "task": to_dict(cfg.task), "forget_sets": to_dict(cfg.forget_sets)}
+    t = cfg.tune
+    return {"seed": cfg.seed, "task": to_dict(cfg.task), "forget_sets": to_dict(cfg.forget_sets),
+            "tuning": {"random_sizes": list(t.random_sizes), "full_class": t.full_class, "pc_top_k": t.pc_top_k}
+            if tuning(cfg) else None}
+
+
+def tuning(cfg: RunConfig) -> bool:
+    """Whether the run tunes (tune.grid names a method): only then are tuning sets drawn and their oracles
+    trained."""
+    return bool(cfg.tune.grid)
+
+
+def tuning_sets(ctx: RunContext, evaluated: dict[str, dict]) -> dict[str, dict]:
+    """The tune stage's forget sets, of the evaluated kinds but disjoint from every evaluated set: random sets
+    drawn from the points outside them (own seed stream), a class without them, and the top scores on PC3 of
+    the margin-datamodel matrix among them. No evaluated set's points (or oracles) enter tuning."""
+    cfg, data = ctx.cfg, ctx.data
+    t = cfg.tune
+    used = np.zeros(data.n_train, dtype=bool)
+    for s in evaluated.values():
+        used[s["indices"]] = True
+    free = np.flatnonzero(~used)
+    sets: dict[str, dict] = {}
+    for size in t.random_sizes:
+        if size >= len(free):
+            raise ConfigError(f"tune.random_sizes: {size} points cannot be drawn from the {len(free)} training "
+                             "points outside the evaluated forget sets; choose a smaller size")
+        idx = np.sort(model_rng(cfg.seed, TUNE_STREAM, size).choice(free, size, replace=False))
+        sets[f"tune_random_{size}"] = {"indices": idx, "how": f"{size} training points drawn uniformly from those "
+                                                              "outside every evaluated forget set"}
+    if t.full_class is not None:
+        idx = np.intersect1d(class_forget_set(data.y_train.numpy(), t.full_class), free)
+        sets[f"tune_class_{t.full_class}"] = {"indices": idx, "how": f"every training point of class "
+                                                                     f"{t.full_class} outside the evaluated sets"}
+    if t.pc_top_k:
+        store = open_store(store_path(ctx.run_dir, "datamodels/lasso.zarr"), "datamodels")
+        scores = principal_component_scores(store["margin_weights"], data.n_train, 3, seed=cfg.seed)[:, 2]
+        order = [i for i in np.argsort(-scores, kind="stable") if not used[i]]
+        sets[f"tune_pc3_top{t.pc_top_k}"] = {"indices": np.sort(order[:t.pc_top_k]),
+                                             "how": f"the {t.pc_top_k} highest scores on PC3 of the train x train "
+                                                    "margin-datamodel matrix outside the evaluated sets"}
+    for name, s in sets.items():
+        if not 0 < len(s["indices"]) < data.n_train:
+            raise ConfigError(f"tuning set {name} has {len(s['indices'])} points: choose other tune settings")
+    return sets
 
 
 def build(ctx: RunContext) -> dict[str, dict]:
@@ -178,31 +224,40 @@ def build(ctx: RunContext) -> dict[str, dict]:
         sets[f"class_{fs.full_class}"] = {"indices": class_forget_set(data.y_train.numpy(), fs.full_class),
                                           "how": f"every training point of class {fs.full_class}"}
     if fs.pc_top_k or fs.pc_ends:
-        store = open_store(ctx.run_dir / "datamodels" / "lasso.zarr", "datamodels")
+        store = open_store(store_path(ctx.run_dir, "datamodels/lasso.zarr"), "datamodels")
         # margin datamodels (N features, T targets), read in row blocks: the PCA's rows are the training points
         # as targets, its columns the training points as features
         scores = principal_component_scores(store["margin_weights"], data.n_train, seed=cfg.seed)
         for name, (idx, how) in pc_forget_sets(scores, fs.pc_top_k, fs.pc_ends).items():
             sets[name] = {"indices": idx, "how": how + " of the train x train margin-datamodel matrix (LASSO)"}
+    return _as_json(sets)
+
+
+def _as_json(sets: dict[str, dict]) -> dict[str, dict]:
     return {name: {"indices": [int(i) for i in s["indices"]], "size": len(s["indices"]), "how": s["how"]}
             for name, s in sets.items()}
 
 
 def path(run_dir: str | Path) -> UPath:
-    """runs/<name>/forget_sets.json (the run directory may be an object-store URL)."""
-    return as_path(run_dir) / "forget_sets.json"
+    """runs/<name>/forget_sets.json (the run directory may be an object-store URL), or the reused run's where
+    links.json links it (pipelines.reuse)."""
+    return store_path(run_dir, "forget_sets.json")
 
 
-def load(run_dir: str | Path) -> dict[str, np.ndarray]:
+def load(run_dir: str | Path, key: str = "sets") -> dict[str, np.ndarray]:
+    """The evaluated forget sets (key "sets") or the tune stage's tuning sets (key "tuning"), name -> indices."""
     p = path(run_dir)
     if not p.exists():
         raise StoreError(f"no forget sets at {p}: run the forget_sets stage first (dmu run CONFIG)")
-    return {name: np.asarray(s["indices"], dtype=np.int64) for name, s in json.loads(p.read_text())["sets"].items()}
+    return {name: np.asarray(s["indices"], dtype=np.int64)
+            for name, s in json.loads(p.read_text()).get(key, {}).items()}
 
 
 def run(ctx: RunContext) -> None:
-    p = path(ctx.run_dir)
     config = normalise_config(forget_sets_config(ctx.cfg))
+    if reuse_store(ctx, "forget_sets.json", config):  # a reused run's, made with this config (pipelines.reuse)
+        return
+    p = as_path(ctx.run_dir) / "forget_sets.json"
     if p.exists():
         stored = json.loads(p.read_text())
         if stored["config"] != config:
@@ -211,5 +266,9 @@ def run(ctx: RunContext) -> None:
         log.info("forget sets: %s (already built)", ", ".join(stored["sets"]))
         return
     sets = build(ctx)
-    write_text(p, json.dumps({"config": config, "sets": sets}, indent=1))  # locally: a temporary file renamed
+    tune_sets = _as_json(tuning_sets(ctx, sets)) if tuning(ctx.cfg) else {}
+    # locally: a temporary file renamed
+    write_text(p, json.dumps({"config": config, "sets": sets, "tuning": tune_sets}, indent=1))
     log.info("forget sets: %s", ", ".join(f"{k} ({v['size']})" for k, v in sets.items()))
+    if tune_sets:
+        log.info("tuning sets: %s", ", ".join(f"{k} ({v['size']})" for k, v in tune_sets.items()))

@@ -21,9 +21,10 @@ import numpy as np
 import zarr
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, as_path, open_or_create, open_store
+from attribution.store import ArraySpec, open_or_create, open_store
 from attribution.subsets import accuracy_on_test_targets, failed_error, failed_models
 from pipelines.config import RunConfig, TaskConfig, to_dict
+from pipelines.reuse import reuse_store, store_path
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.tasks import TaskData, get_task
@@ -44,7 +45,8 @@ def oracle_rows(k: int, om_oracles: int, floor_oracles: bool) -> dict[str, slice
     return {"reference": slice(0, k), "om": om, "floor": slice(om.stop, om.stop + (k if floor_oracles else 0))}
 
 
-def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, list, int]]:
+def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray],
+              tuning_sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, list, int]]:
     """name -> (forget indices or None, row segments [(start, stop), ...], seed stream). Each segment is cut
     into work units on its own; the last stop is the number of models."""
     m = cfg.models
@@ -55,12 +57,19 @@ def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict[str, t
     out = {"full": (None, [(0, m.k)], FULL_STREAM)}
     for name, idx in forget_sets.items():
         out[f"oracle/{name}"] = (idx, oracle_segments, oracle_stream(name))
+    # the tune stage's sets (forget_sets.tuning_sets): tune.k reference oracles, then om_oracles OM targets
+    for name, idx in tuning_sets.items():
+        out[f"tuning/{name}"] = (idx, [(0, cfg.tune.k + m.om_oracles)], oracle_stream(name))
     return out
 
 
-def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray]) -> dict:
-    return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-            "forget_sets": {n: forget_sets_stage.fingerprint(i) for n, i in forget_sets.items()}}
+def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray], tuning_sets: dict[str, np.ndarray]) -> dict:
+    config = {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
+              "forget_sets": {n: forget_sets_stage.fingerprint(i) for n, i in forget_sets.items()}}
+    if tuning_sets:
+        config["tuning"] = {"k": cfg.tune.k, "sets": {n: forget_sets_stage.fingerprint(i)
+                                                      for n, i in tuning_sets.items()}}
+    return config
 
 
 def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
@@ -90,7 +99,11 @@ def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, da
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
     sets = forget_sets_stage.load(ctx.run_dir)
-    plans = ensembles(cfg, sets)
+    tune_sets = forget_sets_stage.load(ctx.run_dir, "tuning")
+    plans = ensembles(cfg, sets, tune_sets)
+    config = models_config(cfg, sets, tune_sets)
+    if reuse_store(ctx, "models.zarr", config):  # a reused run's complete store (pipelines.reuse)
+        return
     n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
     block = cfg.models.block_size
     arrays = {}
@@ -106,9 +119,10 @@ def run(ctx: RunContext) -> None:
         arrays[f"{name}/train_loss"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/test_accuracy"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/failed"] = ArraySpec((n,), "bool", (block,), False)
-    group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=models_config(cfg, sets),
+    group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=config,
                            attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": cfg.models.om_oracles,
-                                  "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs})
+                                  "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs,
+                                  "tune_k": cfg.tune.k if tune_sets else 0})
     units = []
     for name, (_, segments, _) in plans.items():
         done = group[f"{name}/done"][:]
@@ -141,8 +155,8 @@ def run(ctx: RunContext) -> None:
 
 
 def open_models(run_dir) -> zarr.Group:
-    """models.zarr of a run (a local path or an object-store URL), read-only."""
-    return open_store(as_path(run_dir) / "models.zarr", KIND)
+    """models.zarr of a run (a local path or an object-store URL; a reused run's where linked), read-only."""
+    return open_store(store_path(run_dir, "models.zarr"), KIND)
 
 
 def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
@@ -151,10 +165,14 @@ def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
     return oracle_rows(int(attrs["k"]), int(attrs.get("om_oracles", 0)), bool(attrs.get("floor_oracles", False)))
 
 
-def om_target(models: zarr.Group, forget_set: str) -> np.ndarray | None:
+def om_target(models: zarr.Group, forget_set: str, ensemble: str = "oracle") -> np.ndarray | None:
     """Oracle Matching's target for a forget set: the mean logits (T, C) of its OM oracles; None when the store
-    has none for it or they are not all trained."""
+    has none for it or they are not all trained. ensemble "tuning": a tuning set's (rows after its tune_k
+    reference oracles)."""
     rows = stored_oracle_rows(models)["om"]
-    if rows.stop == rows.start or not np.asarray(models[f"oracle/{forget_set}/done"][rows]).all():
+    if ensemble == "tuning":
+        k = int(models.attrs["tune_k"])
+        rows = slice(k, k + rows.stop - rows.start)
+    if rows.stop == rows.start or not np.asarray(models[f"{ensemble}/{forget_set}/done"][rows]).all():
         return None
-    return np.asarray(models[f"oracle/{forget_set}/logits"][rows]).mean(0)
+    return np.asarray(models[f"{ensemble}/{forget_set}/logits"][rows]).mean(0)

@@ -14,6 +14,7 @@ import numpy as np
 from attribution import subsets as subsets_store
 from attribution.masks import model_seeds, sample_masks
 from pipelines.config import RunConfig, TaskConfig, to_dict
+from pipelines.reuse import reuse_store
 from pipelines.stages import RunContext
 from pipelines.tasks import TaskData, get_task
 from pipelines.training import state_vector, train_models
@@ -48,6 +49,8 @@ def train_subset_block(unit: tuple[int, int], *, task_cfg: TaskConfig, data: Tas
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
     s = cfg.subsets
+    if reuse_store(ctx, "subsets.zarr", subsets_config(cfg)):  # a reused run's complete store (pipelines.reuse)
+        return
     n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
     group = subsets_store.create_store(
         ctx.run_dir / "subsets.zarr", n_models=s.n_models, n_train=data.n_train, n_targets=data.n_targets,

@@ -1,6 +1,7 @@
 """TRAK datamodels for the `datamodels` stage: the cheap alternative to LASSO, in datamodels/trak.zarr.
 
-Checkpoints = the first k = `trak_checkpoints` subset models (their parameters are kept in subsets.zarr), so
+Checkpoints = the first k = `trak_checkpoints` subset models (their parameters are kept in subsets.zarr; with
+`datamodels.drop_failed`, the first k that did not fail: `SubsetSource.checkpoints`), so
 TRAK sees models trained on alpha-subsets exactly like the LASSO fit; scores for every class logit and for the
 margin of every target; calibrated to effects on outputs (one global scale per output kind, attribution.trak)
 on the validation slice of subset models; LDS on the LDS slice, the same held-out models as LASSO's.
@@ -45,7 +46,7 @@ import torch
 import zarr
 
 from attribution.lds import lds
-from attribution.store import ArraySpec, location, open_group, open_or_create
+from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create
 from attribution.trak import CALIBRATION_SUMS, TrakScorer, calibrate, calibrate_from_sums, calibration_sums
 from pipelines.config import ConfigError, TaskConfig
 from pipelines.stages import RunContext, drive
@@ -53,7 +54,9 @@ from pipelines.stages.datamodel_io import (
     KIND,
     ROW_CHUNK,
     SubsetSource,
+    check_dropped,
     datamodels_config,
+    dropped_attrs,
     lds_summary,
     store_arrays,
     target_units,
@@ -131,10 +134,10 @@ def _curve_lds(scorer: TrakScorer, source: SubsetSource, data: TaskData, targets
 def trak_unit(unit: tuple[int], *, source: SubsetSource, store: str, task_cfg: TaskConfig, data: TaskData,
               k: int, chunks: list[tuple[int, int]], curve_sizes: tuple[int, ...], proj_dim: int,
               lambda_reg: float) -> list[float] | None:
-    """Work unit with n = unit[0] checkpoints (the first n subset models). n = k: pass 1 over `chunks` (module
-    docstring). n in curve_sizes: the LDS curve's point [n, lds], else None."""
+    """Work unit with n = unit[0] checkpoints (the first n subset models not dropped). n = k: pass 1 over
+    `chunks` (module docstring). n in curve_sizes: the LDS curve's point [n, lds], else None."""
     n = unit[0]
-    model, checkpoints = _model_and_checkpoints(task_cfg, data, np.asarray(source.group["params"][:n]))
+    model, checkpoints = _model_and_checkpoints(task_cfg, data, source.params(source.checkpoints(n)))
     with TrakScorer(model, checkpoints, data.x_train, data.y_train, num_classes=data.num_classes,
                     proj_dim=proj_dim, lambda_reg=lambda_reg, device=str(default_device())) as scorer:
         if n == k and chunks:
@@ -207,6 +210,11 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
         raise ConfigError(f"TRAK needs the parameters of {k} subset models (datamodels.trak_checkpoints) "
                           f"but subsets.keep_params = {cfg.subsets.keep_params}: raise keep_params (this "
                           "retrains the subset store in a new run directory) or lower trak_checkpoints")
+    kept = int(np.sum(source.checkpoints(k) < cfg.subsets.keep_params))
+    if kept < k:
+        raise StoreError(f"TRAK needs the parameters of {k} subset models (datamodels.trak_checkpoints) but only "
+                         f"{kept} of the first {cfg.subsets.keep_params} (subsets.keep_params) did not fail: rerun "
+                         "the subsets stage, which retrains the failed ones, or lower trak_checkpoints")
     if d.trak_proj_dim >= data.n_train:
         raise ConfigError(f"datamodels.trak_proj_dim = {d.trak_proj_dim} must stay below the {data.n_train} "
                           "training examples (reference.md §8: LDS collapses otherwise)")
@@ -216,10 +224,12 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
     group = open_or_create(path, store_arrays(n_train, n_targets, n_classes, chunk, d.weights_dtype),
                            kind=KIND, config=datamodels_config(cfg, "trak"),
                            attrs={**ctx.dataset_attrs(), "method": "trak", "target_chunk": chunk,
-                                  "n_checkpoints": k, "n_calibration": d.n_val, "n_lds": d.n_lds,
+                                  "n_checkpoints": k, "n_calibration": len(source.splits[1]),
+                                  "n_lds": len(source.splits[2]), **dropped_attrs(cfg, source),
                                   "calibration": "one global scale per output kind (logits, margins) + "
                                                  "per-target bias, least squares on the validation subset "
                                                  "models (attribution.trak.calibrate_from_sums)"})
+    check_dropped(group, path, source)
     sizes = sorted({max(1, k // 4), max(1, k // 2), k}) if curve_targets(source) is not None else []
     curve = {int(n): v for n, v in group.attrs.get("lds_curve", [])}
     missing = tuple(n for n in sizes if n not in curve)
@@ -247,7 +257,7 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
     if not done.all():
         if not np.asarray(group["scored"][:]).all():
             raise RuntimeError(f"TRAK pass 1 left target chunks unscored in {path}; rerun the stage")
-        n_val = source.splits[1].stop - source.splits[1].start
+        n_val = len(source.splits[1])
         scale, bias, _, degenerate = calibrate_from_sums(
             _unstack(np.asarray(group["calibration_sums"][:]), n_val))
         margin_scale, margin_bias, _, margin_degenerate = calibrate_from_sums(

@@ -1,14 +1,21 @@
 """Stage `unlearn`: every configured method on every full model for every forget set, through the executor.
 
-Reads models.zarr (full models and OM's oracles), forget_sets.json and the datamodel store (only the forget rows);
-writes runs/<name>/unlearned/<forget_set>/<method>.zarr with the unlearned logits on all targets (K, T, C) and the
-cost per model. DM-Direct's logits are its predictions. Work unit = (forget set, method, block of full models).
-Also serves single deletion requests (`dmu unlearn`, `unlearn_one`).
+Reads models.zarr (full models and OM's oracles), forget_sets.json, tune.json (the tune stage's choice of
+hyperparameters, where the run tunes) and the datamodel stores (only the forget rows); writes
+runs/<name>/unlearned/<forget_set>/<variant>.zarr with the unlearned logits on all targets (K, T, C), the cost
+per model and diagnostics. A variant is a method at one compute budget on one datamodel store (`Variant`:
+dm_matching, dm_matching@3x, dm_matching[trak]). DM-Direct's logits are its predictions. Work unit = (forget
+set, variant, block of full models). The stage also times retraining one model alone per forget set (the
+report's cost basis). The tune stage runs the same units on its tuning sets (`run_variants`). Also serves
+single deletion requests (`dmu unlearn`).
 """
 
 from __future__ import annotations
 
+import time
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +23,17 @@ import torch
 import zarr
 from torch import nn
 
-from attribution.store import ArraySpec, StoreError, as_path, location, open_group, open_or_create, open_store
+from attribution.masks import model_seeds
+from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, open_store
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
+from pipelines.reuse import open_reused, store_path
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages.models import om_target, open_models
 from pipelines.tasks import Task, TaskData, get_task
-from pipelines.training import default_device, load_state_vector, predict_logits
+from pipelines.training import default_device, load_state_vector, predict_logits, train_models
 from unlearning import METHODS, UnlearnData, get_method
+from unlearning.base import FORWARD_PASS, Cost
 
 KIND = "unlearned"
 DATAMODEL_METHODS = ("dm_direct", "dm_matching")
@@ -47,6 +57,20 @@ def check_methods(cfg: RunConfig) -> None:
             if key not in fields:
                 raise ConfigError(f"unknown config key {f'unlearn.hparams.{name}.{key}'!r}; {name} has: "
                                   f"{', '.join(fields) or 'no hyperparameters'}")
+    for name, grid in cfg.tune.grid.items():
+        if name not in cfg.unlearn.methods:
+            raise ConfigError(f"tune.grid names {name!r}, which is not among unlearn.methods "
+                              f"({', '.join(cfg.unlearn.methods)}): tune the methods the run evaluates")
+        fields = METHODS[name].Hyperparameters.__dataclass_fields__
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"tune.grid.{name} must map hyperparameters to lists of values, e.g. "
+                              f"{{lr: [1.0e-3, 5.0e-3]}}, got {grid!r}")
+        for key, values in grid.items():
+            if key not in fields:
+                raise ConfigError(f"unknown config key {f'tune.grid.{name}.{key}'!r}; {name} has: "
+                                  f"{', '.join(fields) or 'no hyperparameters'}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"tune.grid.{name}.{key} must be a non-empty list of values, got {values!r}")
 
 
 def method_seed(seed: int, model: int, forget_set: str, method: str) -> int:
@@ -56,7 +80,7 @@ def method_seed(seed: int, model: int, forget_set: str, method: str) -> int:
 
 def datamodel_store(run_dir: str | Path, datamodel: str, data: TaskData) -> str:
     """The location of the datamodel weight store, checked against the task (complete, same N, T, C, dataset)."""
-    path = as_path(run_dir) / "datamodels" / f"{datamodel}.zarr"
+    path = store_path(run_dir, f"datamodels/{datamodel}.zarr")  # a reused run's where linked (pipelines.reuse)
     store = open_store(path, "datamodels")
     weights = store["weights"]
     if tuple(weights.shape) != (data.n_train, data.n_targets, data.num_classes):
@@ -87,112 +111,262 @@ def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, 
 
 def unlearn_model(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
                   seed: int, hparams: dict, inputs: dict, device: torch.device) -> tuple[nn.Module | object, np.ndarray,
-                                                                                      float, float, dict]:
-    """One deletion request on one model: returns (unlearned model or predictor, logits (T, C), seconds, passes,
-    info)."""
+                                                                                      Cost, dict]:
+    """One deletion request on one model: returns (unlearned model or predictor, logits (T, C), cost, info).
+
+    The cost counts everything the request needs from the model on: the datamodel methods' forward pass that
+    gives the original model's logits on the targets (timed here, T forward passes) and the method itself.
+    Only Oracle Matching's oracles are costed elsewhere (the report adds their retraining)."""
     model = load_state_vector(task.build_model(data.num_classes, 0), params).to(device)
     train = UnlearnData(data.x_train.to(device), data.y_train.to(device))
+    cost = Cost(0.0, 0.0)
+    if method in DATAMODEL_METHODS:
+        start = time.perf_counter()
+        original = predict_logits(model, data.x_targets.to(device))
+        cost = Cost(time.perf_counter() - start, FORWARD_PASS * data.n_targets)
+        inputs = {**inputs, "original_logits": original}
     result = get_method(method)(model, train, forget_idx, **inputs, seed=seed, **hparams)
     if isinstance(result.model, nn.Module):
         logits = predict_logits(result.model, data.x_targets.to(device))
     else:  # DM-Direct: its predictions on the datamodel targets
         logits = result.model.logits().detach().float().cpu().numpy()
-    return result.model, logits, result.cost.seconds, result.cost.example_passes, result.info
+    return result.model, logits, cost + result.cost, result.info
 
 
-def method_inputs(method: str, k: int, *, full_logits: np.ndarray, oracle_mean: np.ndarray | None,
-                  weight_rows: np.ndarray | None, n_train: int) -> dict:
+def method_inputs(method: str, *, oracle_mean: np.ndarray | None, weight_rows: np.ndarray | None,
+                  n_train: int) -> dict:
     if method == "oracle_matching":
         return {"oracle_logits": oracle_mean[:n_train]}
     if method in DATAMODEL_METHODS:
-        return {"datamodel_weights": weight_rows, "original_logits": full_logits[k]}
+        return {"datamodel_weights": weight_rows}
     return {}
 
 
-def unlearn_block(unit: tuple[str, str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                  forget_sets: dict, models: str, oracle_means: dict, datamodels: str | None,
-                  hparams: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Work unit: one method on full models start..stop-1 for one forget set. It reads its own full models' rows
-    from models.zarr and, for the datamodel methods, its forget set's rows of the datamodel store, so no process
-    holds every model or every forget set's rows (both stores at their locations, see `location`)."""
-    fs, method, start, stop = unit
-    task, device = get_task(task_cfg), default_device()
-    full = open_group(models)["full"]
-    full_params = np.asarray(full["params"][start:stop])
-    full_logits = np.asarray(full["logits"][start:stop])
-    weight_rows = read_datamodel_rows(datamodels, forget_sets[fs]) if method in DATAMODEL_METHODS else None
-    logits, seconds, passes = [], [], []
-    for i, k in enumerate(range(start, stop)):
-        inputs = method_inputs(method, i, full_logits=full_logits, oracle_mean=oracle_means.get(fs),
-                               weight_rows=weight_rows, n_train=data.n_train)
-        _, lg, sec, p, _ = unlearn_model(task, data, full_params[i], method, forget_sets[fs],
-                                         seed=method_seed(seed, k, fs, method), hparams=hparams.get(method, {}),
-                                         inputs=inputs, device=device)
-        logits.append(lg)
-        seconds.append(sec)
-        passes.append(p)
-    return np.stack(logits), np.array(seconds), np.array(passes, dtype=np.float64)
+# ----------------------------------------------------------------------------------------------------------
+# variants: a method with its hyperparameters, datamodel store and compute budget (a row of the report)
+
+# Each method's budget knob, scaled by unlearn.budgets (the others have epochs; do_nothing and dm_direct none).
+BUDGET_KEYS = {"mu_mis": "max_steps"}
+# MU-Mis's reasons to stop (info["stopped_by"]), stored as their index; -1: not MU-Mis.
+STOPPED_BY = ("delta", "max_steps", "non_finite")
 
 
-def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, method: str) -> dict:
+def budget_key(method: str) -> str | None:
+    key = BUDGET_KEYS.get(method, "epochs")
+    return key if key in METHODS[method].Hyperparameters.__dataclass_fields__ else None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: `method` with hyperparameter overrides `hparams`, reading datamodel store
+    `datamodel` (the datamodel methods; else None), at `budget` times its tuned budget."""
+
+    method: str
+    hparams: dict
+    datamodel: str | None = None
+    budget: float = 1.0
+    # the label's datamodel part is shown when the run compares datamodels or uses one other than LASSO
+    show_datamodel: bool = False
+    # the tune stage's grid point (None: an evaluated variant)
+    grid_point: int | None = None
+
+    @property
+    def label(self) -> str:
+        dm = f"[{self.datamodel}]" if self.show_datamodel else ""
+        point = f"#{self.grid_point}" if self.grid_point is not None else ""
+        return self.method + dm + (f"@{self.budget:g}x" if self.budget != 1 else "") + point
+
+    @property
+    def store_name(self) -> str:
+        """The store's file name: the label in characters every object store and glob take literally."""
+        dm = f"__{self.datamodel}" if self.show_datamodel else ""
+        point = f"__g{self.grid_point}" if self.grid_point is not None else ""
+        return self.method + dm + (f"__x{self.budget:g}" if self.budget != 1 else "") + point
+
+    def describe(self) -> dict:
+        return {"label": self.label, "method": self.method, "hparams": self.hparams, "datamodel": self.datamodel,
+                "budget": self.budget}
+
+
+def scaled(method: str, hparams: dict, budget: float) -> dict:
+    """`hparams` with the method's budget knob multiplied by `budget` (rounded, at least 1); SCRUB's max-steps
+    stay within its epochs."""
+    key = budget_key(method)
+    if key is None or budget == 1:
+        return dict(hparams)
+    default = METHODS[method].Hyperparameters.__dataclass_fields__[key].default
+    out = {**hparams, key: max(1, round(hparams.get(key, default) * budget))}
+    if method == "scrub":
+        steps = hparams.get("max_steps", METHODS[method].Hyperparameters.__dataclass_fields__["max_steps"].default)
+        out["max_steps"] = min(steps, out["epochs"])
+    return out
+
+
+def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
+    """Every method of the config at every budget (where it has a budget knob) and, for the datamodel methods,
+    on every datamodel store; hyperparameters: the tune stage's choice where it made one, else unlearn.hparams."""
+    u = cfg.unlearn
+    show_dm = len(u.datamodels) > 1 or u.datamodels != ("lasso",)
+    out = []
+    for method in u.methods:
+        hp = chosen.get(method, u.hparams.get(method, {}))
+        for dm in u.datamodels if method in DATAMODEL_METHODS else (None,):
+            for b in sorted(u.budgets) if budget_key(method) else (1.0,):
+                out.append(Variant(method, scaled(method, hp, b), dm, float(b), show_dm and dm is not None))
+    return out
+
+
+def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: Variant) -> dict:
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
             "forget_set": {fs: forget_sets_stage.fingerprint(forget_idx)},
-            "method": method, "hparams": cfg.unlearn.hparams.get(method, {}),
-            "datamodel": cfg.unlearn.datamodel if method in DATAMODEL_METHODS else None}
+            "method": variant.method, "hparams": variant.hparams, "datamodel": variant.datamodel}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# work units
+
+
+def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
+                  plans: dict, models: str, oracle_means: dict, datamodels: dict) -> dict[str, np.ndarray]:
+    """Work unit: one variant on full models start..stop-1 for one forget set (plans[key] = (forget set,
+    indices, Variant)). It reads its own full models' rows from models.zarr and, for the datamodel methods,
+    its forget set's rows of its datamodel store, so no process holds every model or every forget set's rows
+    (both stores at their locations, see `location`). Returns per model: logits, seconds, example passes,
+    and diagnostics (MU-Mis's steps and why it stopped; OM's and DMM's final matching loss)."""
+    key, start, stop = unit
+    fs, forget_idx, variant = plans[key]
+    task, device = get_task(task_cfg), default_device()
+    full_params = np.asarray(open_group(models)["full"]["params"][start:stop])
+    weight_rows = (read_datamodel_rows(datamodels[variant.datamodel], forget_idx)
+                   if variant.method in DATAMODEL_METHODS else None)
+    inputs = method_inputs(variant.method, oracle_mean=oracle_means.get(fs), weight_rows=weight_rows,
+                           n_train=data.n_train)
+    out: dict[str, list] = {name: [] for name in ("logits", "seconds", "example_passes", "steps", "stopped_by",
+                                                   "final_loss")}
+    for i, k in enumerate(range(start, stop)):
+        _, logits, cost, info = unlearn_model(task, data, full_params[i], variant.method, forget_idx,
+                                              seed=method_seed(seed, k, fs, variant.method), hparams=variant.hparams,
+                                              inputs=inputs, device=device)
+        losses = info.get("epoch_losses") or [float("nan")]
+        for name, value in (("logits", logits), ("seconds", cost.seconds), ("example_passes", cost.example_passes),
+                            ("steps", info.get("steps", float("nan"))), ("final_loss", losses[-1]),
+                            ("stopped_by", STOPPED_BY.index(info["stopped_by"]) if "stopped_by" in info else -1)):
+            out[name].append(value)
+    return {name: np.asarray(values) for name, values in out.items()}
+
+
+def time_retraining(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
+                    forget_sets: dict) -> np.ndarray:
+    """Work unit: retrain one model without forget set `unit[0]`, alone (not packed), as the methods run: its
+    seconds are the cost basis the report divides by (retraining's example passes are counted, not timed)."""
+    fs = unit[0]
+    mask = np.ones((1, data.n_train), dtype=bool)
+    mask[0, forget_sets[fs]] = False
+    result = train_models(get_task(task_cfg), data, mask, model_seeds(1, seed, RETRAIN_TIMING_STREAM),
+                          epoch_size=int(mask.sum()), packed=False)
+    return np.array([result.seconds])
+
+
+RETRAIN_TIMING_STREAM = 3  # seed stream of the one model per forget set that times retraining
+RETRAIN_TIMING = "_retrain_timing.zarr"  # unlearned/<fs>/: seconds to retrain one model, one at a time
+
+
+def unlearned_arrays(k: int, block: int, data: TaskData) -> dict[str, ArraySpec]:
+    t, c = data.n_targets, data.num_classes
+    arrays = {"logits": ArraySpec((k, t, c), "float32", (block, t, c), float("nan"), compressed=False),
+              "stopped_by": ArraySpec((k,), "int8", (block,), -1),
+              "done": ArraySpec((k,), "bool", (block,), False)}
+    for name in ("seconds", "example_passes", "steps", "final_loss"):
+        arrays[name] = ArraySpec((k,), "float64", (block,), float("nan"))
+    return arrays
+
+
+def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Variant], *, root, k: int,
+                 ensemble: str, config: Callable[[str, np.ndarray, Variant], dict], desc: str) -> dict:
+    """Unlearn the first k full models for every forget set in `sets` with every variant, into
+    root/<forget set>/<variant.store_name>.zarr (resuming: only blocks not done run). ensemble: where the
+    sets' Oracle Matching targets live in models.zarr ("oracle" for evaluated sets, "tuning" for the tune
+    stage's). Returns {(forget set, label): store}."""
+    cfg, data = ctx.cfg, ctx.data
+    models = open_models(ctx.run_dir)
+    block = cfg.models.block_size
+    if not models["full/done"][:k].all():
+        raise StoreError("models.zarr has full models not done: run the models stage first")
+    stores: dict[tuple[str, str], zarr.Group] = {}
+    plans, units = {}, []
+    for fs, idx in sets.items():
+        for v in chosen:
+            # a reused run's complete store, read-only (pipelines.reuse), else this run's
+            g = open_reused(ctx, root / fs / f"{v.store_name}.zarr", config(fs, idx, v), KIND)
+            if g is None:
+                g = open_or_create(root / fs / f"{v.store_name}.zarr", unlearned_arrays(k, block, data), kind=KIND,
+                                   config=config(fs, idx, v),
+                                   attrs={**ctx.dataset_attrs(), "forget_set": fs, **v.describe(),
+                                      "nan_allowed": ["steps", "final_loss"]})  # NaN: the method has none
+            key = f"{fs}/{v.store_name}"
+            stores[(fs, v.label)], plans[key] = g, (fs, idx, v)
+            done = g["done"][:]
+            units += [(key, s, min(s + block, k)) for s in range(0, k, block) if not done[s:s + block].all()]
+    if not units:
+        return stores
+    oracle_means = {}
+    if any(v.method == "oracle_matching" for v in chosen):
+        if cfg.models.om_oracles < 1:
+            raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it matches)")
+        for fs in sets:
+            oracle_means[fs] = om_target(models, fs, ensemble)
+            if oracle_means[fs] is None:
+                raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
+                                 "models stage first")
+    dms = {v.datamodel for v in chosen if v.datamodel is not None}
+    shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans,
+              "models": location(store_path(ctx.run_dir, "models.zarr")), "oracle_means": oracle_means,
+              "datamodels": {dm: datamodel_store(ctx.run_dir, dm, data) for dm in sorted(dms)}}
+    by_key = {f"{fs}/{v.store_name}": stores[(fs, v.label)] for fs in sets for v in chosen}
+
+    def write(unit: tuple[str, int, int], result: dict) -> None:
+        key, start, stop = unit
+        g = by_key[key]
+        for name, values in result.items():
+            g[name][start:stop] = values
+        g["done"][start:stop] = True
+
+    drive(ctx, unlearn_block, units, shared, write, total=len(sets) * len(chosen) * k, desc=desc)
+    return stores
+
+
+def load_tuned(run_dir, cfg: RunConfig) -> dict[str, dict]:
+    """The tune stage's choice, method -> hyperparameters ({} for a run without tune.grid); refuses a choice
+    made for another config."""
+    if not cfg.tune.grid:
+        return {}
+    from pipelines.stages import tune
+
+    return tune.load(run_dir, cfg)["chosen"]
 
 
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
     check_methods(cfg)
     sets = forget_sets_stage.load(ctx.run_dir)
-    models = open_models(ctx.run_dir)
-    k, block = cfg.models.k, cfg.models.block_size
-    if not models["full/done"][:k].all():
-        raise StoreError("models.zarr has full models not done: run the models stage first")
-    stores: dict[tuple[str, str], zarr.Group] = {}
-    units = []
-    for fs, idx in sets.items():
-        for method in cfg.unlearn.methods:
-            arrays = {"logits": ArraySpec((k, data.n_targets, data.num_classes), "float32",
-                                          (block, data.n_targets, data.num_classes), float("nan"), compressed=False),
-                      "seconds": ArraySpec((k,), "float64", (block,), float("nan")),
-                      "example_passes": ArraySpec((k,), "float64", (block,), float("nan")),
-                      "done": ArraySpec((k,), "bool", (block,), False)}
-            g = open_or_create(ctx.run_dir / "unlearned" / fs / f"{method}.zarr", arrays, kind=KIND,
-                               config=unlearned_config(cfg, fs, idx, method),
-                               attrs={**ctx.dataset_attrs(), "forget_set": fs, "method": method})
-            stores[(fs, method)] = g
-            done = g["done"][:]
-            units += [(fs, method, s, min(s + block, k)) for s in range(0, k, block) if not done[s:s + block].all()]
-    if not units:
-        return
-    needs_dm = any(m in DATAMODEL_METHODS for m in cfg.unlearn.methods)
-    needs_om = "oracle_matching" in cfg.unlearn.methods
-    if needs_om:
-        if cfg.models.om_oracles < 1:
-            raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it "
-                              "matches)")
-        oracle_means = {fs: om_target(models, fs) for fs in sets}
-        for fs, target in oracle_means.items():
-            if target is None:
-                raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
-                                 "models stage first")
-    shared = {
-        "task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets,
-        "models": location(ctx.run_dir / "models.zarr"), "oracle_means": oracle_means if needs_om else {},
-        "datamodels": datamodel_store(ctx.run_dir, cfg.unlearn.datamodel, data) if needs_dm else None,
-        "hparams": cfg.unlearn.hparams,
-    }
-    total = len(sets) * len(cfg.unlearn.methods) * k
+    chosen = variants(cfg, load_tuned(ctx.run_dir, cfg))
+    run_variants(ctx, sets, chosen, root=ctx.run_dir / "unlearned", k=cfg.models.k, ensemble="oracle",
+                 config=lambda fs, idx, v: unlearned_config(cfg, fs, idx, v), desc="unlearning")
+    # retraining timed as the methods run (one model alone, same executor), one model per forget set
+    timing = {fs: open_or_create(ctx.run_dir / "unlearned" / fs / RETRAIN_TIMING,
+                                 {"seconds": ArraySpec((1,), "float64", (1,), float("nan")),
+                                  "done": ArraySpec((1,), "bool", (1,), False)}, kind="retrain_timing",
+                                 config={"seed": cfg.seed, "task": to_dict(cfg.task),
+                                         "forget_set": {fs: forget_sets_stage.fingerprint(idx)}})
+              for fs, idx in sets.items()}
+    units = [(fs, 0, 1) for fs, g in timing.items() if not g["done"][0]]
 
-    def write(unit: tuple[str, str, int, int], result: tuple) -> None:
-        fs, method, start, stop = unit
-        g = stores[(fs, method)]
-        for array, values in zip(("logits", "seconds", "example_passes"), result):
-            g[array][start:stop] = values
-        g["done"][start:stop] = True
+    def write(unit: tuple[str, int, int], seconds: np.ndarray) -> None:
+        timing[unit[0]]["seconds"][:] = seconds
+        timing[unit[0]]["done"][:] = True
 
-    drive(ctx, unlearn_block, units, shared, write, total=total, desc="unlearning")
+    drive(ctx, time_retraining, units, {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets},
+          write, total=len(sets), desc="timing retraining")
 
 
 def read_forget_ids(path: Path) -> np.ndarray:
@@ -251,8 +425,7 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
     full_logits = np.asarray(models["full/logits"][model_index])
     inputs: dict = {}
     if method in DATAMODEL_METHODS:
-        inputs = {"datamodel_weights": datamodel_rows(run_dir, cfg.unlearn.datamodel, idx, data),
-                  "original_logits": full_logits}
+        inputs = {"datamodel_weights": datamodel_rows(run_dir, cfg.unlearn.datamodels[0], idx, data)}
     elif method == "oracle_matching":
         sets = forget_sets_stage.load(run_dir)
         match = [fs for fs, f in sets.items() if np.array_equal(np.sort(f), np.sort(idx))]
@@ -265,8 +438,8 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
                               "(models.om_oracles >= 1, trained by the models stage): finish the models "
                               "stage, or use dm_matching")
         inputs = {"oracle_logits": target[:data.n_train]}
-    hp = {**cfg.unlearn.hparams.get(method, {}), **(hparams or {})}
-    unlearned, logits, seconds, passes, _ = unlearn_model(
+    hp = {**load_tuned(run_dir, cfg).get(method, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
+    unlearned, logits, cost, _ = unlearn_model(
         task, data, models["full/params"][model_index], method, idx, seed=method_seed(cfg.seed, model_index, "request",
                                                                                       method),
         hparams=hp, inputs=inputs, device=default_device())
@@ -280,6 +453,7 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    seconds, passes = cost.seconds, cost.example_passes
     meta = {"run": str(run_dir), "method": method, "model": model_index, "forget_ids": idx.tolist(),
             "seconds": seconds, "example_passes": passes}
     if isinstance(unlearned, nn.Module):

@@ -1,0 +1,380 @@
+"""Evaluating a run: the numbers of the report, computed from the stores. Reads forget_sets.json, models.zarr,
+unlearned/<fs>/<method>.zarr and the attrs of datamodels/<method>.zarr (LDS); writes nothing. `evaluate_run`
+returns the metrics dict (KLOM, accuracies, MIA and cost of every unlearning method on every forget set, the
+oracle floor, retraining, LDS; pipelines/report.py writes it as metrics.json and renders it) and the per-point
+KLOM on the forget points (for the plots).
+
+KLOM compares K unlearned models with the first K oracles of a forget set, the reference (reference.md §4); the
+next om_oracles oracles are Oracle Matching's targets and are never used here, so OM is not scored against the
+models it matched. The oracle floor is the K floor oracles that follow (pipelines/stages/models.py) scored against
+the reference like a method, K vs K; a run without them falls back to two disjoint halves of the reference, K/2
+vs K/2, which reads higher from sampling noise alone (reference.md §8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from attribution.store import StoreError, as_path, open_store
+from pipelines.config import UnlearnConfig
+from pipelines.reuse import store_path, stores_in
+from pipelines.stages.models import stored_oracle_rows
+from pipelines.stages.unlearn import STOPPED_BY
+from unlearning.base import FORWARD_PASS
+from unlearning.klom import klom, klom_summary, margins, oracle_floor, shift_and_spread
+from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
+
+# Display order of methods: the config's default order; methods it does not know follow, alphabetically.
+METHOD_ORDER = UnlearnConfig().methods
+# KLOM is summarised over these point sets; validation = the test targets (reference.md §4).
+POINT_SETS = ("forget", "retain", "validation")
+
+
+def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
+                 linear: dict | None = None) -> tuple[dict, dict]:
+    """(metrics, per_point) of every finished unlearned store of the run against its oracles.
+
+    run_dir, labels, seed, linear: as pipelines.report.build_report. metrics: the report's numbers, not yet made
+    JSON-safe (_json_safe; NaN stays NaN for the plots); what could not be scored is listed in metrics["skipped"].
+    per_point: {forget set: {method or "oracle floor": per-point KLOM on its forget points}}.
+    """
+    run_dir = as_path(run_dir)
+    models = open_store(store_path(run_dir, "models.zarr"), "models")  # a reused run's where linked
+    info = _run_info(models)
+    labels = _check_labels(labels, info)
+    skipped: list[str] = []
+    forget_sets, per_point = {}, {}
+    for fs, entry in _load_forget_sets(run_dir).items():
+        result = _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped)
+        if result is not None:
+            forget_sets[fs], per_point[fs] = result
+    metrics = {"run": run_dir.name, "k": info["k"], "n_train": info["n"], "n_targets": info["t"],
+               "num_classes": info["c"], "epochs": info["epochs"], "seed": seed, "forget_sets": forget_sets,
+               "datamodels": _lds(run_dir, skipped), "datamodels_cost": _datamodels_cost(run_dir, info),
+               "tuning": _tuning(run_dir), "skipped": skipped}
+    if linear is not None:
+        metrics["linear"] = _linear_summary(linear)
+    return metrics, per_point
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading the stores
+
+
+def _run_info(models) -> dict:
+    attrs = models.attrs
+    missing = [key for key in ("k", "n_train", "n_targets", "num_classes", "epochs") if key not in attrs]
+    if missing:
+        raise StoreError(f"models.zarr lacks attrs {missing}: it was not written by the models stage; "
+                         "rerun that stage")
+    n, t = int(attrs["n_train"]), int(attrs["n_targets"])
+    test = attrs.get("targets", {}).get("test", [n, t])
+    return {"k": int(attrs["k"]), "oracle_rows": stored_oracle_rows(models), "n": n, "t": t,
+            "c": int(attrs["num_classes"]), "epochs": float(attrs["epochs"]),
+            "test": (int(test[0]), int(test[1]))}
+
+
+def _check_labels(labels, info: dict) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (info["t"],):
+        raise ValueError(f"labels must hold one label per target, shape ({info['t']},) (training examples, "
+                         f"then test), got shape {y.shape}: pass the task's target labels")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= info["c"]):
+        raise ValueError(f"labels must lie in [0, {info['c']}), got range [{y.min()}, {y.max()}]")
+    return y
+
+
+def _load_forget_sets(run_dir: Path) -> dict[str, dict]:
+    path = store_path(run_dir, "forget_sets.json")
+    if not path.exists():
+        raise StoreError(f"no forget sets at {path}: run the forget_sets stage first (dmu run CONFIG)")
+    return json.loads(path.read_text())["sets"]
+
+
+def _method_order(names) -> list[str]:
+    known = [m for m in METHOD_ORDER if m in names]
+    return known + sorted(set(names) - set(known))
+
+
+def _method_stores(run_dir: Path, folder: str) -> dict[str, Path]:
+    """The unlearned stores of `folder` (unlearned/<fs>), the run's own and those it reuses (pipelines.reuse),
+    by store name (a variant's `store_name`: dm_matching, dm_matching__trak__x3), in method order, then
+    datamodel and budget; names starting with "_" are not methods (_retrain_timing.zarr)."""
+    found = {p.name[: -len(".zarr")]: p for p in stores_in(run_dir, folder).values() if not p.name.startswith("_")}
+    parsed = {name: _parse_store_name(name) for name in found}
+    methods = _method_order({method for method, _, _ in parsed.values()})
+    order = sorted(found, key=lambda n: (methods.index(parsed[n][0]), parsed[n][1], parsed[n][2]))
+    return {n: found[n] for n in order}
+
+
+def _parse_store_name(name: str) -> tuple[str, str, float]:
+    """(method, datamodel or "", budget) of a variant's store name (pipelines.stages.unlearn.Variant)."""
+    method, *parts = name.split("__")
+    datamodel, budget = "", 1.0
+    for part in parts:
+        try:
+            budget = float(part[1:]) if part.startswith("x") else budget
+        except ValueError:
+            pass
+        datamodel = part if not part.startswith("x") else datamodel
+    return method, datamodel, budget
+
+
+def _tuning(run_dir: Path) -> dict | None:
+    """What the tune stage chose and on what (tune.json without its per-set details), or None."""
+    path = store_path(run_dir, "tune.json")
+    if not path.exists():
+        return None
+    tune = json.loads(path.read_text())
+    return {key: tune.get(key) for key in ("criterion", "k", "sets", "grid", "chosen", "untuned")} | {
+        "scores": {m: [{"hparams": e["hparams"], "score": e["score"]} for e in entries]
+                   for m, entries in tune.get("candidates", {}).items()}}
+
+
+def _datamodels_cost(run_dir: Path, info: dict) -> dict | None:
+    """The datamodels' one-off cost in example passes: M subset models x epochs x round(alpha N) examples per
+    epoch (the subsets stage's epoch size), and amortised over 1, 10 and 100 deletion requests as a fraction of
+    retraining on all N (epochs x N). The fit itself costs no example passes (its seconds are not recorded)."""
+    path = store_path(run_dir, "subsets.zarr")
+    try:
+        subsets = open_store(path, "subsets")
+    except StoreError:
+        return None
+    config = subsets.attrs.get("config", {})
+    m, alpha = config.get("subsets", {}).get("n_models"), config.get("subsets", {}).get("alpha")
+    if m is None or alpha is None:
+        return None
+    passes = float(m) * info["epochs"] * round(alpha * info["n"])
+    full = info["epochs"] * info["n"]
+    return {"n_models": int(m), "example_passes": passes, "retrain_passes": full,
+            "fraction_per_request": {str(r): passes / r / full for r in (1, 10, 100)}}
+
+
+def _lds(run_dir: Path, skipped: list[str]) -> dict:
+    """LDS numbers stored as attrs of each datamodel store (lds_mean, lds_margin_mean, lds_curve)."""
+    out = {}
+    for path in stores_in(run_dir, "datamodels").values():  # the run's own and those it reuses
+        try:
+            attrs = dict(open_store(path, "datamodels").attrs)
+        except StoreError as err:
+            skipped.append(f"datamodels/{path.name}: {err}")
+            continue
+        out[path.name[: -len(".zarr")]] = {k: v for k, v in attrs.items() if k.startswith("lds")}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _accuracies(logits: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean over models of the accuracy on forget, retain and test (validation) points (MU-Mis's FA, RA,
+    TA)."""
+    names = {"forget": "forget", "retain": "retain", "validation": "test"}
+    return {names[s]: float(np.mean(accuracy(logits[:, idx], labels[idx]))) for s, idx in sets.items()}
+
+
+def _mia(losses: np.ndarray, forget: np.ndarray, test: np.ndarray, seed: int) -> float | None:
+    """Population MIA (forget vs test losses, reference.md §6), one attack per model, averaged over models."""
+    if min(len(forget), len(test)) < MIA_FOLDS:
+        return None  # too few points for 5-fold cross-validation; noted in the report
+    return float(np.mean([population_mia(losses[m, forget], losses[m, test], seed + m)
+                          for m in range(losses.shape[0])]))
+
+
+def _avg_gap(acc: dict, retrain: dict) -> float:
+    """MU-Mis's "Avg. Gap" (reference.md §5): mean of |dFA|, |dRA|, |dTA| to retraining."""
+    return float(np.mean([abs(acc[s] - retrain[s]) for s in ("forget", "retain", "test")]))
+
+
+def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped):
+    """metrics and per-point KLOM on the forget points for one forget set; None if its oracles are missing."""
+    k, n = info["k"], info["n"]
+    forget = np.unique(np.asarray(entry["indices"], dtype=np.int64))
+    sets = {"forget": forget, "retain": np.setdiff1d(np.arange(n), forget),
+            "validation": np.arange(*info["test"])}
+    if f"oracle/{fs}/done" not in models or not np.asarray(models[f"oracle/{fs}/done"][:k]).all():
+        skipped.append(f"forget set {fs}: its first {k} oracles are not all trained (run the models stage)")
+        return None
+    # Only the first K oracles, the reference: the others are OM's targets and the floor's (module doc).
+    oracle_logits = np.asarray(models[f"oracle/{fs}/logits"][:k])
+    oracle_margins = margins(oracle_logits, labels)
+    retrain = _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed)
+    per_point, floor, floor_margins = {}, None, None
+    found = _oracle_floor(models, fs, info["oracle_rows"], labels, oracle_margins, seed, skipped)
+    if found is not None:
+        floor_values, kind, per_side, floor_margins = found
+        floor = {"klom": klom_summary(floor_values, sets), "kind": kind, "n_models_per_side": per_side}
+        per_point["oracle floor"] = floor_values[forget]
+        floor_margins = floor_margins[:, forget] if floor_margins is not None else None
+    # the per-example membership test's reference distributions: full models (in) and oracles (out), forget points
+    full_margins = margins(np.asarray(models["full/logits"][:k]), labels)[:, forget]
+    om_oracles = info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
+
+    methods = {}
+    for name, path in _method_stores(run_dir, f"unlearned/{fs}").items():
+        try:
+            store = open_store(path, "unlearned")
+        except StoreError as err:
+            skipped.append(f"{fs}/{name}: {err}")
+            continue
+        label = store.attrs.get("label", name)
+        done = np.asarray(store["done"][:]) if "done" in store else np.zeros(0, bool)
+        if done.size == 0 or not done.all():
+            skipped.append(f"{fs}/{label}: {int(done.sum())} of {done.size} models done "
+                           "(rerun the unlearn stage to finish it)")
+            continue
+        logits = np.asarray(store["logits"][:])
+        if logits.shape != (k, info["t"], info["c"]):
+            skipped.append(f"{fs}/{label}: logits have shape {logits.shape}, expected (K, T, C) = "
+                           f"{(k, info['t'], info['c'])}")
+            continue
+        method = store.attrs.get("method", name)
+        method_margins = margins(logits, labels)
+        values = klom(method_margins, oracle_margins)
+        per_point[label] = values[forget]
+        acc = _accuracies(logits, labels, sets)
+        methods[label] = {
+            "method": method, "datamodel": store.attrs.get("datamodel"), "budget": store.attrs.get("budget", 1.0),
+            "hparams": store.attrs.get("hparams"),
+            "klom": klom_summary(values, sets),
+            # the Easy Data Unlearning Bench's convention and direction (unlearning.klom), to set beside its
+            # published numbers
+            "klom_edub": klom_summary(klom(method_margins, oracle_margins, convention="edub", reverse=True), sets),
+            "margins": _shift_and_spread(method_margins, oracle_margins, sets),
+            "accuracy": acc,
+            "avg_gap": _avg_gap(acc, retrain["accuracy"]),
+            "mia": _mia(per_example_loss(logits, labels), forget, sets["validation"], seed),
+            "lira": _lira(method_margins[:, forget], floor_margins, full_margins, oracle_margins[:, forget]),
+            "cost": _cost(store, method, om_oracles, retrain, n),
+            "diagnostics": _diagnostics(store, method),
+        }
+    if not methods:
+        skipped.append(f"forget set {fs}: no finished unlearned stores")
+    return ({"size": int(entry.get("size", len(forget))), "how": entry.get("how", ""), "methods": methods,
+             "oracle_floor": floor, "retrain": retrain}, per_point)
+
+
+def _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed) -> dict:
+    """Retraining's row: the reference oracles' accuracies and MIA, and its cost: epochs x |retain| example
+    passes; seconds of one model retrained alone (the unlearn stage's _retrain_timing.zarr: the methods' basis),
+    else the oracles' packed training time per model (noted as the basis)."""
+    passes = info["epochs"] * len(sets["retain"])  # the models stage trains epochs x |retain| passes
+    seconds, basis = None, "one model alone (unlearn stage)"
+    timing = store_path(run_dir, f"unlearned/{fs}/_retrain_timing.zarr")
+    try:
+        g = open_store(timing, "retrain_timing")
+        if bool(g["done"][0]):
+            seconds = float(g["seconds"][0])
+    except StoreError:
+        pass
+    if seconds is None:
+        seconds, basis = float(np.mean(models[f"oracle/{fs}/seconds"][:info["k"]])), "packed oracles, per model"
+    return {"accuracy": _accuracies(oracle_logits, labels, sets), "avg_gap": 0.0,
+            "mia": _mia(per_example_loss(oracle_logits, labels), sets["forget"], sets["validation"], seed),
+            "cost": {"passes_fraction": 1.0, "seconds_fraction": 1.0, "seconds": seconds, "example_passes": passes,
+                     "seconds_basis": basis}}
+
+
+def _cost(store, method: str, om_oracles: int, retrain: dict, n: int) -> dict:
+    """One deletion request's cost, everything counted: the method's passes and seconds as stored (the datamodel
+    methods' include the original model's forward passes on the targets), plus, for Oracle Matching, training its
+    om_oracles oracles (each costs a retraining: epochs x |retain| passes and the retraining seconds) and their
+    forward passes on the N training points it matches. Fractions of retraining; the datamodels' one-off cost is
+    apart (metrics["datamodels_cost"])."""
+    seconds = float(np.mean(store["seconds"][:]))
+    passes = float(np.mean(store["example_passes"][:]))
+    extra_passes = extra_seconds = 0.0
+    if method == "oracle_matching":
+        extra_passes = om_oracles * (retrain["cost"]["example_passes"] + FORWARD_PASS * n)
+        extra_seconds = om_oracles * retrain["cost"]["seconds"]
+    total_passes, total_seconds = passes + extra_passes, seconds + extra_seconds
+    r_seconds = retrain["cost"]["seconds"]
+    return {"passes_fraction": float(cost_fraction(total_passes, retrain["cost"]["example_passes"])),
+            "seconds_fraction": total_seconds / r_seconds if r_seconds > 0 else None,
+            "seconds": total_seconds, "example_passes": total_passes,
+            "method_seconds": seconds, "method_passes": passes, "oracle_passes": extra_passes,
+            "oracle_seconds": extra_seconds}
+
+
+def _diagnostics(store, method: str) -> dict:
+    """What each method reports about its own run: MU-Mis's steps and why it stopped (counts over the models),
+    OM's and DMM's final matching loss (mean over models). Empty for the others and for older stores."""
+    out: dict = {}
+    if "stopped_by" in store and method == "mu_mis":
+        codes = np.asarray(store["stopped_by"][:])
+        out["stopped_by"] = {name: int((codes == i).sum()) for i, name in enumerate(STOPPED_BY)}
+        steps = np.asarray(store["steps"][:])
+        out["steps"] = {"mean": float(steps.mean()), "min": float(steps.min()), "max": float(steps.max())}
+    if "final_loss" in store and method in ("oracle_matching", "dm_matching"):
+        out["final_matching_loss"] = float(np.mean(store["final_loss"][:]))
+    return out
+
+
+def _lira(method_forget, floor_forget, full_forget, oracle_forget) -> dict | None:
+    """The per-example membership test (unlearning.metrics.lira_mia) on the forget points: the method's models
+    against the floor oracles, fresh retrained models that fit neither distribution (in: the full models, out:
+    the reference oracles); None without floor oracles."""
+    if floor_forget is None:
+        return None
+    return lira_mia(method_forget, floor_forget, full_forget, oracle_forget)
+
+
+def _shift_and_spread(method_margins, oracle_margins, sets) -> dict:
+    """Per point set: the mean over its points of the mean-margin shift, and the median spread ratio
+    (unlearning.klom.shift_and_spread)."""
+    shift, spread = shift_and_spread(method_margins, oracle_margins)
+    out = {}
+    for name, idx in sets.items():
+        finite = spread[idx][np.isfinite(spread[idx])]
+        out[name] = {"mean_shift": float(shift[idx].mean()),
+                     "spread": float(np.median(finite)) if finite.size else None}
+    return out
+
+
+def _oracle_floor(models, fs, rows, labels, oracle_margins, seed, skipped):
+    """(per-point KLOM, kind, models per side, the floor oracles' margins or None) of the oracle floor of one forget set, or None (K < 2, no floor
+    oracles). kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K
+    vs K; "half_split" (floor oracles off or unfinished): two disjoint halves of the reference, K/2 vs K/2."""
+    k = oracle_margins.shape[0]
+    if rows["floor"].stop > rows["floor"].start:
+        if np.asarray(models[f"oracle/{fs}/done"][rows["floor"]]).all():
+            floor_margins = margins(np.asarray(models[f"oracle/{fs}/logits"][rows["floor"]]), labels)
+            return klom(floor_margins, oracle_margins), "floor_oracles", k, floor_margins
+        skipped.append(f"forget set {fs}: its floor oracles are not all trained (run the models stage); its "
+                       f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")
+    if k < 2:
+        return None
+    return oracle_floor(oracle_margins, seed), "half_split", k // 2, None
+
+
+def _floor_label(floor: dict) -> str:
+    n = floor["n_models_per_side"]
+    return f"oracle floor ({n} vs {n})"
+
+
+def _linear_summary(linear: dict) -> dict:
+    """The linear experiment without its curves: settings and iterations to tolerance per method and seed."""
+    return {"settings": linear.get("settings"), "seeds": linear.get("seeds"),
+            "tolerance": linear.get("tolerance"),
+            "methods": {name: {"label": e["label"], "iters_to_tol": e["iters_to_tol"],
+                               "min_relative": e["min_relative"]} for name, e in linear["methods"].items()}}
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+

@@ -1,0 +1,129 @@
+"""Stage `tune`: each method's hyperparameters chosen by KLOM on tuning forget sets, never on the evaluated ones.
+
+Reads forget_sets.json's tuning sets (drawn by the forget_sets stage from their own seed stream, disjoint from
+every evaluated set: `forget_sets.tuning_sets`), models.zarr (the first tune.k full models and each tuning set's
+own oracles, `tuning/<set>`) and the datamodel store; writes runs/<name>/tune/<set>/<method>__g<i>.zarr (the
+unlearned logits of grid point i, the unlearn stage's units and layout) and runs/<name>/tune.json: the sets, the
+grid, every grid point's score and the choice. The unlearn stage runs every method with the chosen values.
+
+Criterion (the same for every method): KLOM of the tune.k unlearned models against the tuning set's tune.k
+reference oracles, the mean of its p95 over forget, retain and validation points, averaged over the tuning sets;
+the smallest wins (ties: the first grid point). No evaluated forget set, and none of its oracles, is read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+
+import numpy as np
+
+from attribution.store import StoreError, as_path, diff_keys, normalise_config, write_text
+from pipelines.config import RunConfig
+from pipelines.stages import RunContext
+from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.stages.models import open_models
+from pipelines.stages.unlearn import DATAMODEL_METHODS, Variant, check_methods, run_variants, unlearned_config
+from unlearning import METHODS
+from unlearning.klom import klom, klom_summary, margins
+
+log = logging.getLogger("dmu")
+
+CRITERION = ("mean over the tuning sets of the mean of KLOM p95 on forget, retain and validation points "
+             "(tune.k unlearned models against the set's tune.k reference oracles)")
+POINT_SETS = ("forget", "retain", "validation")
+
+
+def candidates(cfg: RunConfig) -> dict[str, list[Variant]]:
+    """Per method of tune.grid, every combination of its values over unlearn.hparams, as grid points 0, 1, ...
+    (the datamodel methods read the first of unlearn.datamodels)."""
+    out = {}
+    for method, grid in cfg.tune.grid.items():
+        base = cfg.unlearn.hparams.get(method, {})
+        keys = list(grid)
+        dm = cfg.unlearn.datamodels[0] if method in DATAMODEL_METHODS else None
+        out[method] = [Variant(method, {**base, **dict(zip(keys, values))}, dm, grid_point=i)
+                       for i, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
+    return out
+
+
+def tune_config(cfg: RunConfig, tuning_sets: dict[str, np.ndarray]) -> dict:
+    """What the choice depends on: a tune.json made for another config is refused by `load`."""
+    return normalise_config({
+        "seed": cfg.seed, "task": dataclasses.asdict(cfg.task), "models": dataclasses.asdict(cfg.models),
+        "tune": dataclasses.asdict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodel": cfg.unlearn.datamodels[0],
+        "tuning_sets": {n: forget_sets_stage.fingerprint(i) for n, i in tuning_sets.items()}})
+
+
+def path(run_dir):
+    return as_path(run_dir) / "tune.json"
+
+
+def load(run_dir, cfg: RunConfig) -> dict:
+    """tune.json of a run, checked against `cfg` (StoreError when missing or made for another config)."""
+    p = path(run_dir)
+    if not p.exists():
+        raise StoreError(f"no tuned hyperparameters at {p}: the config has tune.grid, so run the tune stage "
+                         "first (dmu run CONFIG --stages tune)")
+    stored = json.loads(p.read_text())
+    expected = tune_config(cfg, forget_sets_stage.load(run_dir, "tuning"))
+    if stored["config"] != expected:
+        raise StoreError(f"{p} was made with a different config ({'; '.join(diff_keys(stored['config'], expected))})"
+                         ": rerun the tune stage (dmu run CONFIG --stages tune)")
+    return stored
+
+
+def score(unlearned_logits: np.ndarray, oracle_margins: np.ndarray, labels: np.ndarray,
+          point_sets: dict[str, np.ndarray]) -> tuple[float, dict]:
+    """The criterion on one tuning set: (mean of the KLOM p95 over the point sets, the p95 per point set)."""
+    summary = klom_summary(klom(margins(unlearned_logits, labels), oracle_margins), point_sets)
+    per_set = {name: summary[name]["p95"] for name in POINT_SETS}
+    return float(np.mean(list(per_set.values()))), per_set
+
+
+def run(ctx: RunContext) -> None:
+    cfg, data = ctx.cfg, ctx.data
+    if not cfg.tune.grid:
+        log.info("tune: the config has no tune.grid; methods run with unlearn.hparams")
+        return
+    check_methods(cfg)
+    sets = forget_sets_stage.load(ctx.run_dir, "tuning")
+    if not sets:
+        raise StoreError("forget_sets.json has no tuning sets: run the forget_sets stage with this config")
+    grid = candidates(cfg)
+    k = cfg.tune.k
+    if k > cfg.models.k:
+        raise StoreError(f"tune.k = {k} needs that many full models, the run has models.k = {cfg.models.k}")
+    stores = run_variants(ctx, sets, [v for vs in grid.values() for v in vs], root=ctx.run_dir / "tune", k=k,
+                          ensemble="tuning", desc="tuning",
+                          config=lambda fs, idx, v: {**unlearned_config(cfg, fs, idx, v), "k": k})
+    models = open_models(ctx.run_dir)
+    labels = data.y_targets.numpy()
+    results: dict[str, list[dict]] = {m: [{"hparams": v.hparams, "per_set": {}} for v in vs] for m, vs in grid.items()}
+    for fs, idx in sets.items():
+        if not np.asarray(models[f"tuning/{fs}/done"][:k]).all():
+            raise StoreError(f"models.zarr has the oracles of tuning set {fs!r} not done: run the models stage")
+        oracle_margins = margins(np.asarray(models[f"tuning/{fs}/logits"][:k]), labels)
+        point_sets = {"forget": idx, "retain": np.setdiff1d(np.arange(data.n_train), idx),
+                      "validation": np.arange(data.n_train, data.n_targets)}
+        for method, vs in grid.items():
+            for v, entry in zip(vs, results[method]):
+                value, per_set = score(np.asarray(stores[(fs, v.label)]["logits"][:]), oracle_margins, labels,
+                                       point_sets)
+                entry["per_set"][fs] = {"score": value, "p95": per_set}
+    chosen = {}
+    for method, entries in results.items():
+        for entry in entries:
+            entry["score"] = float(np.mean([s["score"] for s in entry["per_set"].values()]))
+        best = min(range(len(entries)), key=lambda i: entries[i]["score"])
+        chosen[method] = entries[best]["hparams"]
+        log.info("tune: %s -> %s (score %.3f; grid of %d)", method, chosen[method], entries[best]["score"],
+                 len(entries))
+    untuned = [m for m in cfg.unlearn.methods if m not in grid and METHODS[m].Hyperparameters.__dataclass_fields__]
+    stored = json.loads(forget_sets_stage.path(ctx.run_dir).read_text())["tuning"]
+    write_text(path(ctx.run_dir), json.dumps({
+        "config": tune_config(cfg, sets), "criterion": CRITERION, "k": k,
+        "sets": {n: {"size": s["size"], "how": s["how"]} for n, s in stored.items()},
+        "grid": cfg.tune.grid, "candidates": results, "chosen": chosen, "untuned": untuned}, indent=1))

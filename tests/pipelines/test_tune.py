@@ -1,0 +1,152 @@
+"""The tune stage and the unlearn stage's variants on a tiny MNIST-1D run (tests/pipelines/test_stages.py's):
+tuning sets disjoint from every evaluated set, a choice that is the argmin of KLOM recomputed here from the
+stores, unchanged when every evaluated set's oracles are poisoned, used by `unlearn`; budgets and datamodel
+variants as their own stores with scaled costs."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from attribution.store import StoreError
+from pipelines.config import TuneConfig, UnlearnConfig
+from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.stages import tune as tune_stage
+from tests.pipelines.test_stages import run, stage_config, write_datamodels
+from unlearning import METHODS as ALL
+from unlearning.klom import klom, margins
+
+METHODS = ("do_nothing", "gradient_ascent", "dm_matching")
+GRID = {"gradient_ascent": {"lr": [1.0e-4, 2.0e-2]}, "dm_matching": {"lr": [1.0e-4, 5.0e-3], "epochs": [2]}}
+
+
+def tune_config(tmp_path, **unlearn):
+    cfg = stage_config(tmp_path, methods=METHODS)
+    return dataclasses.replace(cfg, tune=TuneConfig(random_sizes=(10,), full_class=1, k=2, grid=GRID),
+                               unlearn=UnlearnConfig(methods=METHODS, **unlearn))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    cfg = tune_config(tmp, budgets=(0.5, 1.0, 2.0))
+    ctx = run(cfg, ["forget_sets", "models"])
+    write_datamodels(ctx)
+    run(cfg, ["tune", "unlearn"])
+    return cfg, ctx
+
+
+def test_tuning_sets_are_disjoint_from_every_evaluated_set(tuned):
+    cfg, ctx = tuned
+    evaluated = forget_sets_stage.load(ctx.run_dir)
+    tuning = forget_sets_stage.load(ctx.run_dir, "tuning")
+    assert set(tuning) == {"tune_random_10", "tune_class_1"}
+    used = np.concatenate(list(evaluated.values()))
+    for name, idx in tuning.items():
+        assert len(idx) and not np.intersect1d(idx, used).size, name
+    labels = ctx.data.y_train.numpy()
+    assert (labels[tuning["tune_class_1"]] == 1).all()
+    assert len(tuning["tune_class_1"]) == (np.setdiff1d(np.flatnonzero(labels == 1), used)).size
+    # its own oracles in models.zarr: tune.k reference + om_oracles, trained without the tuning set
+    models = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")
+    assert models["tuning/tune_random_10/done"][:].all() and models["tuning/tune_random_10/done"].shape == (3,)
+
+
+def test_choice_is_the_argmin_of_klom_recomputed_from_the_stores(tuned):
+    cfg, ctx = tuned
+    result = json.loads((ctx.run_dir / "tune.json").read_text())
+    models = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")
+    labels = ctx.data.y_targets.numpy()
+    n, t = ctx.data.n_train, ctx.data.n_targets
+    for method, entries in result["candidates"].items():
+        assert len(entries) == 2
+        scores = []
+        for i, entry in enumerate(entries):
+            per_set = []
+            for fs, idx in forget_sets_stage.load(ctx.run_dir, "tuning").items():
+                oracle = margins(models[f"tuning/{fs}/logits"][:2], labels)
+                logits = zarr.open_group(str(ctx.run_dir / "tune" / fs / f"{method}__g{i}.zarr"), mode="r")["logits"]
+                values = klom(margins(logits[:], labels), oracle)
+                sets = [idx, np.setdiff1d(np.arange(n), idx), np.arange(n, t)]
+                per_set.append(np.mean([np.percentile(values[s], 95) for s in sets]))
+            scores.append(np.mean(per_set))
+            assert entry["score"] == pytest.approx(scores[-1], rel=1e-12)
+        assert result["chosen"][method] == entries[int(np.argmin(scores))]["hparams"]
+    assert result["untuned"] == []
+
+
+def test_unlearn_uses_the_choice_and_budgets_scale_it(tuned):
+    cfg, ctx = tuned
+    chosen = json.loads((ctx.run_dir / "tune.json").read_text())["chosen"]
+    folder = ctx.run_dir / "unlearned" / "random_10"
+    for method in ("gradient_ascent", "dm_matching"):
+        epochs = chosen[method].get("epochs", ALL[method].Hyperparameters().epochs)
+        passes = {}
+        for budget, suffix in ((0.5, "__x0.5"), (1.0, ""), (2.0, "__x2")):
+            g = zarr.open_group(str(folder / f"{method}{suffix}.zarr"), mode="r")
+            hparams = dict(g.attrs["hparams"])
+            assert hparams.pop("epochs", epochs) == max(1, round(epochs * budget))
+            assert hparams == {k: v for k, v in chosen[method].items() if k != "epochs"}
+            assert g.attrs["budget"] == budget and g["done"][:].all()
+            passes[budget] = g["example_passes"][:]
+        forward = 250 / 3 if method == "dm_matching" else 0.0  # the original model's logits on T targets
+        ratio = (passes[2.0] - forward) / (passes[1.0] - forward)
+        np.testing.assert_allclose(ratio, round(epochs * 2) / epochs)
+    # no budgets for do_nothing: one store; diagnostics stored per model
+    assert sorted(p.name for p in folder.glob("do_nothing*")) == ["do_nothing.zarr"]
+    dmm = zarr.open_group(str(folder / "dm_matching.zarr"), mode="r")
+    assert np.isfinite(dmm["final_loss"][:]).all() and (dmm["stopped_by"][:] == -1).all()
+    timing = zarr.open_group(str(folder / "_retrain_timing.zarr"), mode="r")
+    assert timing["done"][0] and timing["seconds"][0] > 0
+
+
+def test_poisoned_evaluation_oracles_leave_the_choice_unchanged(tuned, tmp_path):
+    cfg, ctx = tuned
+    copy = tmp_path / "run"
+    shutil.copytree(ctx.run_dir, copy)
+    shutil.rmtree(copy / "tune")
+    before = json.loads((copy / "tune.json").read_text())
+    (copy / "tune.json").unlink()
+    models = zarr.open_group(str(copy / "models.zarr"), mode="r+")
+    rng = np.random.default_rng(0)
+    for fs in forget_sets_stage.load(copy):  # every evaluated set's oracles: garbage
+        logits = models[f"oracle/{fs}/logits"]
+        logits[:] = rng.standard_normal(logits.shape).astype(np.float32) * 100
+    run(dataclasses.replace(cfg, run_dir=str(copy)), ["tune"])
+    assert json.loads((copy / "tune.json").read_text()) == before
+
+
+def test_unlearn_refuses_without_the_tune_stage(tmp_path):
+    cfg = tune_config(tmp_path)
+    ctx = run(cfg, ["forget_sets", "models"])
+    write_datamodels(ctx)
+    with pytest.raises(StoreError, match=r"no tuned hyperparameters .*run the tune stage first"):
+        run(cfg, ["unlearn"])
+    other = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, grid={"gradient_ascent": {"lr": [1e-3]}}))
+    run(cfg, ["tune"])
+    with pytest.raises(StoreError, match=r"tune\.json was made with a different config \(.*grid"):
+        tune_stage.load(ctx.run_dir, other)
+
+
+def test_lasso_and_trak_datamodels_side_by_side(tmp_path):
+    """unlearn.datamodels [lasso, trak]: DM-Direct once per datamodel store, each its own store and label, each
+    the original logits minus the sum of its own store's forget rows."""
+    cfg = dataclasses.replace(stage_config(tmp_path, methods=("do_nothing", "dm_direct")),
+                              unlearn=UnlearnConfig(methods=("do_nothing", "dm_direct"), datamodels=("lasso", "trak")))
+    ctx = run(cfg, ["forget_sets", "models"])
+    weights = {name: write_datamodels(ctx, seed=seed, name=name) for seed, name in ((0, "lasso"), (1, "trak"))}
+    run(cfg, ["unlearn", "report"])
+    full = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")["full/logits"][:]
+    idx = forget_sets_stage.load(ctx.run_dir)["random_10"]
+    for name, w in weights.items():
+        g = zarr.open_group(str(ctx.run_dir / "unlearned" / "random_10" / f"dm_direct__{name}.zarr"), mode="r")
+        assert g.attrs["label"] == f"dm_direct[{name}]" and g.attrs["datamodel"] == name
+        np.testing.assert_allclose(g["logits"][:], full - w[idx].astype(np.float64).sum(0), atol=1e-5)
+    metrics = json.loads((ctx.run_dir / "report" / "metrics.json").read_text())
+    assert list(metrics["forget_sets"]["random_10"]["methods"]) == ["do_nothing", "dm_direct[lasso]",
+                                                                     "dm_direct[trak]"]
+    md = (ctx.run_dir / "report" / "report.md").read_text()
+    assert "| dm_direct[trak] |" in md and "| dm_direct[lasso] |" in md
