@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.store import StoreError, as_path, open_store
+from attribution.store import StoreError, as_path, open_store, read
 from pipelines.config import UnlearnConfig
 from pipelines.reuse import store_path, stores_in
 from pipelines.stages.models import stored_oracle_rows
@@ -203,7 +203,8 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         skipped.append(f"forget set {fs}: its first {k} oracles are not all trained (run the models stage)")
         return None
     # Only the first K oracles, the reference: the others are OM's targets and the floor's (module doc).
-    oracle_logits = np.asarray(models[f"oracle/{fs}/logits"][:k])
+    models_path = store_path(run_dir, "models.zarr")
+    oracle_logits = read(models[f"oracle/{fs}/logits"], slice(0, k), store=models_path)
     oracle_margins = margins(oracle_logits, labels)
     retrain = _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed)
     per_point, floor, floor_margins = {}, None, None
@@ -214,7 +215,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         per_point["oracle floor"] = floor_values[forget]
         floor_margins = floor_margins[:, forget] if floor_margins is not None else None
     # the per-example membership test's reference distributions: full models (in) and oracles (out), forget points
-    full_margins = margins(np.asarray(models["full/logits"][:k]), labels)[:, forget]
+    full_margins = margins(read(models["full/logits"], slice(0, k), store=models_path), labels)[:, forget]
     om_oracles = info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
 
     methods = {}
@@ -230,7 +231,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
             skipped.append(f"{fs}/{label}: {int(done.sum())} of {done.size} models done "
                            "(rerun the unlearn stage to finish it)")
             continue
-        logits = np.asarray(store["logits"][:])
+        logits = read(store["logits"], store=path)
         if logits.shape != (k, info["t"], info["c"]):
             skipped.append(f"{fs}/{label}: logits have shape {logits.shape}, expected (K, T, C) = "
                            f"{(k, info['t'], info['c'])}")
@@ -345,7 +346,7 @@ def _oracle_floor(models, fs, rows, labels, oracle_margins, seed, skipped):
     k = oracle_margins.shape[0]
     if rows["floor"].stop > rows["floor"].start:
         if np.asarray(models[f"oracle/{fs}/done"][rows["floor"]]).all():
-            floor_margins = margins(np.asarray(models[f"oracle/{fs}/logits"][rows["floor"]]), labels)
+            floor_margins = margins(read(models[f"oracle/{fs}/logits"], rows["floor"]), labels)
             return klom(floor_margins, oracle_margins), "floor_oracles", k, floor_margins
         skipped.append(f"forget set {fs}: its floor oracles are not all trained (run the models stage); its "
                        f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")

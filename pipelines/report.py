@@ -140,10 +140,10 @@ def _datamodels_cost_section(cost: dict | None) -> list[str]:
     per = cost["fraction_per_request"]
     return ["## Datamodels' one-off cost", "",
             f"{cost['n_models']} subset models: {cost['example_passes']:.3g} example passes, "
-            f"{_fmt(cost['example_passes'] / cost['retrain_passes'])}x a retraining on all N. Amortised over 1 / 10 / "
-            f"100 deletion requests: {_fmt(per['1'], 100)}% / {_fmt(per['10'], 100)}% / {_fmt(per['100'], 100)}% "
-            "of a retraining per request, to add to DM-Direct's and DMM's cost above (not included there). The "
-            "LASSO or TRAK fit costs no example passes; its seconds are not recorded.", ""]
+            f"{_fmt(cost['example_passes'] / cost['retrain_passes'])} retrainings on all N. Amortised over 1 / 10 / "
+            f"100 deletion requests: {_fmt(per['1'])} / {_fmt(per['10'])} / {_fmt(per['100'])} retrainings per "
+            "request, to add to DM-Direct's and DMM's cost above (not included there). The LASSO or TRAK fit costs "
+            "no example passes; its seconds are not recorded.", ""]
 
 
 def render_markdown(metrics: dict, plots: dict[str, str]) -> str:

@@ -19,7 +19,7 @@ import zarr
 from upath import UPath
 
 from attribution.masks import model_rng
-from attribution.store import StoreError, as_path, diff_keys, normalise_config, open_store, write_text
+from attribution.store import StoreError, as_path, diff_keys, normalise_config, open_store, read, write_text
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.reuse import reuse_store, store_path
 from pipelines.stages import RunContext
@@ -96,7 +96,8 @@ def principal_component_scores(weights: zarr.Array | np.ndarray, n: int, n_compo
 
     def block(j0: int, j1: int) -> np.ndarray:  # (j1 - j0, n): columns j0:j1 of A, transposed
         out = buffer[:j1 - j0]
-        out[...] = weights[j0:j1, :n]
+        # a zarr array through attribution.store.read: a corrupt chunk is one line naming it
+        out[...] = read(weights, (slice(j0, j1), slice(0, n))) if isinstance(weights, zarr.Array) else weights[j0:j1, :n]
         return out
 
     # first pass: mu and A_c @ Omega together (A_c @ X = A @ X - 1 (mu^T X))

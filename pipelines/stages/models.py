@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, open_or_create, open_store
+from attribution.store import ArraySpec, open_or_create, open_store, read
 from attribution.subsets import accuracy_on_test_targets, failed_error, failed_models
 from pipelines.config import RunConfig, TaskConfig, to_dict
 from pipelines.reuse import reuse_store, store_path
@@ -175,4 +175,4 @@ def om_target(models: zarr.Group, forget_set: str, ensemble: str = "oracle") -> 
         rows = slice(k, k + rows.stop - rows.start)
     if rows.stop == rows.start or not np.asarray(models[f"{ensemble}/{forget_set}/done"][rows]).all():
         return None
-    return np.asarray(models[f"{ensemble}/{forget_set}/logits"][rows]).mean(0)
+    return read(models[f"{ensemble}/{forget_set}/logits"], rows).mean(0)

@@ -20,8 +20,9 @@ import logging
 
 import numpy as np
 
-from attribution.store import StoreError, as_path, diff_keys, normalise_config, write_text
+from attribution.store import StoreError, as_path, diff_keys, normalise_config, read, write_text
 from pipelines.config import RunConfig
+from pipelines.reuse import store_path
 from pipelines.stages import RunContext
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages.models import open_models
@@ -100,17 +101,19 @@ def run(ctx: RunContext) -> None:
                           ensemble="tuning", desc="tuning",
                           config=lambda fs, idx, v: {**unlearned_config(cfg, fs, idx, v), "k": k})
     models = open_models(ctx.run_dir)
+    models_path = store_path(ctx.run_dir, "models.zarr")
     labels = data.y_targets.numpy()
     results: dict[str, list[dict]] = {m: [{"hparams": v.hparams, "per_set": {}} for v in vs] for m, vs in grid.items()}
     for fs, idx in sets.items():
         if not np.asarray(models[f"tuning/{fs}/done"][:k]).all():
             raise StoreError(f"models.zarr has the oracles of tuning set {fs!r} not done: run the models stage")
-        oracle_margins = margins(np.asarray(models[f"tuning/{fs}/logits"][:k]), labels)
+        oracle_margins = margins(read(models[f"tuning/{fs}/logits"], slice(0, k), store=models_path), labels)
         point_sets = {"forget": idx, "retain": np.setdiff1d(np.arange(data.n_train), idx),
                       "validation": np.arange(data.n_train, data.n_targets)}
         for method, vs in grid.items():
             for v, entry in zip(vs, results[method]):
-                value, per_set = score(np.asarray(stores[(fs, v.label)]["logits"][:]), oracle_margins, labels,
+                logits = read(stores[(fs, v.label)]["logits"], store=ctx.run_dir / "tune" / fs / v.store_name)
+                value, per_set = score(logits, oracle_margins, labels,
                                        point_sets)
                 entry["per_set"][fs] = {"score": value, "p95": per_set}
     chosen = {}

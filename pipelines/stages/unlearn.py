@@ -24,7 +24,7 @@ import zarr
 from torch import nn
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, open_store
+from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, open_store, read
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.reuse import open_reused, store_path
 from pipelines.stages import RunContext, drive
@@ -100,8 +100,7 @@ def datamodel_store(run_dir: str | Path, datamodel: str, data: TaskData) -> str:
 def read_datamodel_rows(store: str, forget_idx: np.ndarray) -> np.ndarray:
     """The forget rows (|F|, T, C) float32 of a datamodel store (only the row chunks that hold them are read)."""
     weights = open_group(store)["weights"]
-    return np.asarray(weights.get_orthogonal_selection((np.sort(forget_idx), slice(None), slice(None))),
-                      dtype=np.float32)
+    return read(weights, (np.sort(forget_idx), slice(None), slice(None)), store=store).astype(np.float32, copy=False)
 
 
 def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
@@ -236,7 +235,7 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
     key, start, stop = unit
     fs, forget_idx, variant = plans[key]
     task, device = get_task(task_cfg), default_device()
-    full_params = np.asarray(open_group(models)["full"]["params"][start:stop])
+    full_params = read(open_group(models)["full/params"], slice(start, stop), store=models)
     weight_rows = (read_datamodel_rows(datamodels[variant.datamodel], forget_idx)
                    if variant.method in DATAMODEL_METHODS else None)
     inputs = method_inputs(variant.method, oracle_mean=oracle_means.get(fs), weight_rows=weight_rows,
@@ -422,7 +421,7 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
     k = models.attrs["k"]
     if not 0 <= model_index < k or not models["full/done"][model_index]:
         raise ConfigError(f"--model must name a trained full model in [0, {k}), got {model_index}")
-    full_logits = np.asarray(models["full/logits"][model_index])
+    full_logits = read(models["full/logits"], model_index, store=store_path(run_dir, "models.zarr"))
     inputs: dict = {}
     if method in DATAMODEL_METHODS:
         inputs = {"datamodel_weights": datamodel_rows(run_dir, cfg.unlearn.datamodels[0], idx, data)}
@@ -440,7 +439,7 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
         inputs = {"oracle_logits": target[:data.n_train]}
     hp = {**load_tuned(run_dir, cfg).get(method, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
     unlearned, logits, cost, _ = unlearn_model(
-        task, data, models["full/params"][model_index], method, idx, seed=method_seed(cfg.seed, model_index, "request",
+        task, data, read(models["full/params"], model_index, store=store_path(run_dir, "models.zarr")), method, idx, seed=method_seed(cfg.seed, model_index, "request",
                                                                                       method),
         hparams=hp, inputs=inputs, device=default_device())
     labels = data.y_targets.numpy()

@@ -139,3 +139,27 @@ def test_read_gives_the_stored_slices(clean_run):
     np.testing.assert_array_equal(read(g["logits"], (slice(2, 9), slice(100, 240))),
                                   g["logits"][2:9, 100:240])
     np.testing.assert_array_equal(read(g["masks"], 3), g["masks"][3])
+
+
+def test_corrupt_chunk_read_by_unlearn_and_report_is_one_line(run_copy, capsys):
+    """The unlearn stage (a unit reading its full models' parameters) and the report (reading the unlearned
+    logits) meet a corrupt chunk file: one line naming store, array and file, exit 2, no traceback."""
+    logits = run_copy / "unlearned" / "random_10" / "dm_direct.zarr" / "logits" / "c" / "0" / "0" / "0"
+    logits.write_bytes(logits.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["report", str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "dm_direct.zarr" in lines[0] and "chunk file logits/c/0/0/0" in lines[0], err
+    params = run_copy / "models.zarr" / "full" / "params" / "c" / "0" / "0"
+    params.write_bytes(params.read_bytes()[:100])
+    shutil.rmtree(run_copy / "unlearned" / "random_10" / "do_nothing.zarr")  # so that the stage runs its units
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg["run_dir"] = str(run_copy)
+    (run_copy / "cfg.yaml").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["run", str(run_copy / "cfg.yaml"), "--stages", "unlearn"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dmu:")]
+    assert len(lines) == 1 and "models.zarr" in lines[0] and "chunk file full/params/c/0/0" in lines[0], err
+    assert "Traceback" not in err
