@@ -2,7 +2,8 @@
 
 `get_task(cfg)` returns a `Task` bound to the config's architecture, sizes and recipe overrides. Every stage sees
 the data as a `TaskData`, whose targets are indexed the one way used everywhere: targets 0..N-1 are the training
-examples, then the test examples.
+examples, then the test examples. This module owns what a task declares (`Task`, `TaskData`, `Recipe`); the
+training engine (pipelines/training.py) imports them from here and never the other way round.
 """
 
 from __future__ import annotations
@@ -21,13 +22,26 @@ import torch
 from torch import nn
 
 from pipelines.config import ConfigError, TaskConfig
-from pipelines.training import Recipe
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 
 class DataError(RuntimeError):
     """A dataset is missing or malformed; the message says where to put the files."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe; each task declares its own, configs may override fields (`task.recipe`)."""
+
+    epochs: int  # passes over each model's training examples
+    batch_size: int  # examples per step, per model
+    lr: float  # peak learning rate
+    weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw)
+    optimizer: str = "adam"  # adam | adamw | sgd (nesterov, momentum 0.9)
+    schedule: str = "onecycle"  # constant | onecycle: linear warm-up to lr, then linear decay to 0
+    warmup: float = 0.2  # fraction of the steps spent warming up (onecycle)
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,13 @@ class Task:
       logits (b, num_classes). The engine seeds the global RNG before calling it (`build_model`), so draw every
       initial weight from torch's global RNG. Its state vector (every floating-point entry of its state dict)
       is what models.zarr stores.
-    - `recipe`: a `pipelines.training.Recipe` (epochs, batch size, optimizer, lr, schedule); configs override
+    - `recipe`: a `Recipe` (epochs, batch size, optimizer, lr, schedule); configs override
       its fields through `task.recipe`.
     - `packed_forward` (optional): (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits
       (G, b, C), G models as one computation (see pipelines/tasks/mnist1d.py). Without it (None) the engine
-      trains the models of a block one at a time, each with its own optimiser, which gives the same kind of
-      models, only slower on a GPU.
+      packs the models generically (`torch.vmap` of `make_model`'s forward) where the model has no buffers and
+      the task no `augment`, and trains them one at a time (each with its own optimiser) otherwise: the same
+      kind of models, only slower.
     - `augment` (optional): (inputs (b, ...), torch.Generator) -> inputs, applied to each training minibatch.
     `name` and `arch` are recorded in the stores' attrs; `n_train` / `n_test` are set by `get_task` from the
     config.
@@ -107,7 +122,7 @@ class Task:
     recipe: Recipe
     load: Callable[[Path], TaskData]  # full dataset, from data_dir
     make_model: Callable[[int], nn.Module]  # num_classes -> a freshly initialised model
-    packed_forward: PackedForward | None = None  # None: the engine trains one model at a time
+    packed_forward: PackedForward | None = None  # None: packed generically where possible, else one at a time
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     n_train: int | None = None
     n_test: int | None = None

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +84,23 @@ def test_returned_params_rebuild_the_trained_models():
     model = load_state_vector(task.build_model(10, 99), r.params[1])
     with torch.no_grad():
         np.testing.assert_allclose(model(data.x_targets).numpy(), r.logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_each_model_trains_alike_whatever_the_pack_size():
+    """Model i's result depends on its mask, seed and recipe only: packs of 1, 2 and 3 give the same models (to
+    float rounding: the batched products' kernels depend on the batch count, as grouped convolutions' did)."""
+    task = get_task(TaskConfig(n_train=300, n_test=100, recipe=RecipeConfig(epochs=3, batch_size=50)))
+    data = task.load_data()
+    masks = np.random.default_rng(0).random((3, data.n_train)) < 0.5
+    runs = [train_models(task, data, masks, [5, 6, 7], epoch_size=150, pack_size=size) for size in (1, 2, 3)]
+    for r in runs[1:]:
+        np.testing.assert_allclose(r.logits, runs[0].logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r.train_loss, runs[0].train_loss, rtol=1e-5)
+
+
+def test_tasks_do_not_import_the_engine():
+    """pipelines.tasks owns Task, TaskData and Recipe; the engine imports them (and re-exports Recipe)."""
+    code = ("import sys, pipelines.tasks.mnist1d, pipelines.tasks.cifar10; "
+            "assert 'pipelines.training' not in sys.modules, 'pipelines.tasks imports the engine'; "
+            "from pipelines.training import Recipe; assert Recipe is pipelines.tasks.Recipe")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
