@@ -78,7 +78,7 @@ def stage_stores(run_dir: Path, stage: str) -> list[Path]:
         return [run_dir / "datamodels" / "lasso.zarr"]
     if stage == "models":
         return [run_dir / "models.zarr"]
-    return sorted((run_dir / "unlearned").glob("*/*.zarr"))
+    return sorted(p for p in (run_dir / "unlearned").glob("*/*.zarr") if not p.name.startswith("_"))  # not timing
 
 
 def progress(run_dir: Path, stage: str) -> tuple[int, int | None]:

@@ -19,7 +19,7 @@ def tiny_config(tmp_path, kind: str):
     cfg = small_config(tmp_path, kind=kind, n_models=24, block=4, epochs=4)
     return dataclasses.replace(
         cfg,
-        datamodels=DatamodelsConfig(n_val=4, n_lds=4, n_lambdas=4, lambda_ratio=0.3, target_chunk=128),
+        datamodels=DatamodelsConfig(n_val=4, n_lds=4, n_lambdas=4, lambda_ratio=0.5, target_chunk=128),
         forget_sets=ForgetSetsConfig(random_sizes=(10,), full_class=None),
         models=ModelsConfig(k=2, om_oracles=0, floor_oracles=False, block_size=1),
         unlearn=UnlearnConfig(methods=("dm_direct", "dm_matching", "gradient_descent"),
