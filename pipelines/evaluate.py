@@ -51,8 +51,11 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
     labels = _check_labels(labels, info)
     skipped: list[str] = []
     forget_sets, per_point = {}, {}
+    # the full models' margins, read once: every forget set's membership test fits its "in" distribution on them
+    full_margins = margins(read(models["full/logits"], slice(0, info["k"]), store=store_path(run_dir, "models.zarr")),
+                           labels)
     for fs, entry in _load_forget_sets(run_dir).items():
-        result = _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped)
+        result = _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped, full_margins)
         if result is not None:
             forget_sets[fs], per_point[fs] = result
     metrics = {"run": run_dir.name, "k": info["k"], "n_train": info["n"], "n_targets": info["t"],
@@ -198,7 +201,7 @@ def _avg_gap(acc: dict, retrain: dict) -> float:
     return float(np.mean([abs(acc[s] - retrain[s]) for s in ("forget", "retain", "test")]))
 
 
-def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped):
+def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped, full_margins):
     """metrics and per-point KLOM on the forget points for one forget set; None if its oracles are missing."""
     k, n = info["k"], info["n"]
     forget = np.unique(np.asarray(entry["indices"], dtype=np.int64))
@@ -219,8 +222,6 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         floor = {"klom": klom_summary(floor_values, sets), "kind": kind, "n_models_per_side": per_side}
         per_point["oracle floor"] = floor_values[forget]
         floor_margins = floor_margins[:, forget] if floor_margins is not None else None
-    # the per-example membership test's reference distributions: full models (in) and oracles (out), forget points
-    full_margins = margins(read(models["full/logits"], slice(0, k), store=models_path), labels)[:, forget]
     om_oracles = info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
 
     methods = {}
@@ -257,7 +258,8 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
             "accuracy": acc,
             "avg_gap": _avg_gap(acc, retrain["accuracy"]),
             "mia": _mia(per_example_loss(logits, labels), forget, sets["validation"], seed),
-            "lira": _lira(method_margins[:, forget], floor_margins, full_margins, oracle_margins[:, forget]),
+            "lira": _lira(method_margins[:, forget], floor_margins, full_margins[:, forget],
+                          oracle_margins[:, forget]),
             "cost": _cost(store, method, om_oracles, retrain, n),
             "diagnostics": _diagnostics(store, method),
         }

@@ -13,7 +13,6 @@ the smallest wins (ties: the first grid point). No evaluated forget set, and non
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ import logging
 import numpy as np
 
 from attribution.store import StoreError, as_path, diff_keys, normalise_config, read, write_text
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, to_dict
 from pipelines.reuse import store_path
 from pipelines.stages import RunContext
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -53,8 +52,8 @@ def candidates(cfg: RunConfig) -> dict[str, list[Variant]]:
 def tune_config(cfg: RunConfig, tuning_sets: dict[str, np.ndarray]) -> dict:
     """What the choice depends on: a tune.json made for another config is refused by `load`."""
     return normalise_config({
-        "seed": cfg.seed, "task": dataclasses.asdict(cfg.task), "models": dataclasses.asdict(cfg.models),
-        "tune": dataclasses.asdict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodel": cfg.unlearn.datamodels[0],
+        "seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
+        "tune": to_dict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodel": cfg.unlearn.datamodels[0],
         "tuning_sets": {n: forget_sets_stage.fingerprint(i) for n, i in tuning_sets.items()}})
 
 
