@@ -18,7 +18,6 @@ follow the run's one convention: 0..N-1 are the training examples, then the test
 from __future__ import annotations
 
 import json
-import re
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages import load_run_config
 from pipelines.stages.datamodel_io import split
 from pipelines.stages.models import open_models, stored_oracle_rows
+from pipelines.stages.unlearn import store_name_of
 from pipelines.tasks import TaskData, get_task
 from unlearning.klom import klom, margins
 
@@ -94,8 +94,8 @@ class Run:
     def unlearned(self, forget_set: str, method: str) -> zarr.Group:
         """The unlearned store of a method (or a variant's label as the report names it: dm_matching@3x,
         dm_matching[trak]): `logits` (K, T, C), `seconds`, `example_passes`, diagnostics, `done`."""
-        name = re.sub(r"@([0-9.e+-]+)x$", r"__x\1", method).replace("[", "__").replace("]", "")
-        return open_store(store_path(self.run_dir, f"unlearned/{forget_set}/{name}.zarr"), "unlearned")
+        return open_store(store_path(self.run_dir, f"unlearned/{forget_set}/{store_name_of(method)}.zarr"),
+                          "unlearned")
 
     @property
     def metrics(self) -> dict | None:

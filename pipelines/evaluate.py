@@ -24,7 +24,7 @@ from attribution.store import StoreError, as_path, open_store, read
 from pipelines.config import UnlearnConfig
 from pipelines.reuse import store_path, stores_in
 from pipelines.stages.models import stored_oracle_rows
-from pipelines.stages.unlearn import STOPPED_BY
+from pipelines.stages.unlearn import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import klom, klom_summary, margins, oracle_floor, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
@@ -113,23 +113,10 @@ def _method_stores(run_dir: Path, folder: str) -> dict[str, Path]:
     by store name (a variant's `store_name`: dm_matching, dm_matching__trak__x3), in method order, then
     datamodel and budget; names starting with "_" are not methods (_retrain_timing.zarr)."""
     found = {p.name[: -len(".zarr")]: p for p in stores_in(run_dir, folder).values() if not p.name.startswith("_")}
-    parsed = {name: _parse_store_name(name) for name in found}
+    parsed = {name: parse_store_name(name) for name in found}
     methods = _method_order({method for method, _, _ in parsed.values()})
     order = sorted(found, key=lambda n: (methods.index(parsed[n][0]), parsed[n][1], parsed[n][2]))
     return {n: found[n] for n in order}
-
-
-def _parse_store_name(name: str) -> tuple[str, str, float]:
-    """(method, datamodel or "", budget) of a variant's store name (pipelines.stages.unlearn.Variant)."""
-    method, *parts = name.split("__")
-    datamodel, budget = "", 1.0
-    for part in parts:
-        try:
-            budget = float(part[1:]) if part.startswith("x") else budget
-        except ValueError:
-            pass
-        datamodel = part if not part.startswith("x") else datamodel
-    return method, datamodel, budget
 
 
 def _tuning(run_dir: Path) -> dict | None:
@@ -271,8 +258,9 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
 
 def _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed) -> dict:
     """Retraining's row: the reference oracles' accuracies and MIA, and its cost: epochs x |retain| example
-    passes; seconds of one model retrained alone (the unlearn stage's _retrain_timing.zarr: the methods' basis),
-    else the oracles' packed training time per model (noted as the basis)."""
+    passes; seconds per model retrained as the fine-tuning methods ran (the unlearn stage's _retrain_timing.zarr,
+    in packs of the same size: the methods' basis), else the oracles' packed training time per model (noted as
+    the basis)."""
     passes = info["epochs"] * len(sets["retain"])  # the models stage trains epochs x |retain| passes
     seconds, basis = None, "one model alone (unlearn stage)"
     timing = store_path(run_dir, f"unlearned/{fs}/_retrain_timing.zarr")
@@ -280,6 +268,9 @@ def _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed) -> di
         g = open_store(timing, "retrain_timing")
         if bool(g["done"][0]):
             seconds = float(g["seconds"][0])
+            pack = int(g.attrs.get("pack", 1))
+            basis = (f"packs of {pack} models, as the fine-tuning methods ran (unlearn stage)" if pack > 1
+                     else basis)
     except StoreError:
         pass
     if seconds is None:

@@ -171,8 +171,10 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         "models' and the oracles' Gaussians; the method's models against the floor oracles; ideal 50%); "
         "cost = everything one deletion request needs, in example passes as a % of retraining (epochs x "
         "retained examples): the method, the original model's forward passes where it reads its logits "
-        "(DM-Direct, DMM), Oracle Matching's oracles (each a retraining); seconds = wall time per model, "
-        "every method and retraining timed alike, one model alone in one work unit.",
+        "(DM-Direct, DMM), Oracle Matching's oracles (each a retraining); seconds = wall time per model as "
+        "the unlearn stage ran it: the fine-tuning methods and retraining in packs of the same size (one "
+        "computation, its time shared), MU-Mis and DM-Direct one model at a time (metrics.json: "
+        "retrain.cost.seconds_basis).",
         "",
     ]
     kinds = {m["oracle_floor"]["kind"] for m in metrics["forget_sets"].values() if m["oracle_floor"]}

@@ -22,15 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state
+from torch.func import functional_call
 
 from pipelines.tasks import PackedForward, Recipe, Task, TaskData
+from unlearning.base import StackedPack
 from unlearning.base import predict_logits as _predict_logits
 
 log = logging.getLogger("dmu")
 
 __all__ = ["Recipe", "TrainResult", "default_device", "load_state_vector", "lr_at", "make_optimizer",
-           "minibatch_streams", "n_steps_for", "predict_logits", "state_vector", "train_models"]
+           "minibatch_streams", "n_steps_for", "pack_size_for", "packed_forward", "predict_logits", "state_vector",
+           "train_models"]
 
 
 # Models per packed computation on a CPU. Measured on 2 cores, 1 thread (CPU seconds per model, under load), MNIST-1D
@@ -151,11 +153,12 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
     models = [task.build_model(data.num_classes, int(s)).to(device) for s in seeds]
 
     start = time.perf_counter()
-    fwd = (task.packed_forward or _generic_packed_forward(task, models[0], x_train[:1])) if packed else None
+    fwd = packed_forward(task, models[0], x_train[:1]) if packed else None
     if fwd is not None:
-        size = pack_size or (len(models) if device.type == "cuda" else CPU_PACK_SIZE)
+        size = pack_size or pack_size_for(device, len(models))
         packs = [_train_packed(task, fwd, models[i:i + size], streams[i:i + size], x_train, y_train, x_targets,
                                eval_batch, loss_from) for i in range(0, len(models), size)]
+        models = [m for p in packs for m in p[2]]
     else:
         packs = [_train_one(task, m, streams[i], x_train, y_train, x_targets, int(seeds[i]), eval_batch,
                             loss_from) for i, m in enumerate(models)]
@@ -165,6 +168,17 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
     params = np.stack([state_vector(m).numpy() for m in models]) if return_params else None
     return TrainResult(logits=logits, params=params, seconds=seconds,
                        example_passes=len(models) * n_steps * recipe.batch_size, train_loss=train_loss)
+
+
+def pack_size_for(device: torch.device, n: int) -> int:
+    """Models per packed computation: all n on a GPU, at most CPU_PACK_SIZE on a CPU."""
+    return n if device.type == "cuda" else min(n, CPU_PACK_SIZE)
+
+
+def packed_forward(task: Task, model: nn.Module, x: torch.Tensor) -> PackedForward | None:
+    """The forward that runs a pack of `model`'s architecture as one computation: the task's own, else the
+    generic one where the model allows it (`_generic_packed_forward`); None: one model at a time."""
+    return task.packed_forward or _generic_packed_forward(task, model, x)
 
 
 def _augment(task: Task, xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -234,20 +248,20 @@ _LOGGED: set[tuple] = set()  # (task, arch, device) whose way of training has be
 
 
 def _train_packed(task: Task, fwd: PackedForward, models: list[nn.Module], streams: torch.Tensor, x_train,
-                  y_train, x_targets, eval_batch: int, loss_from: int) -> tuple[np.ndarray, np.ndarray]:
+                  y_train, x_targets, eval_batch: int, loss_from: int) -> tuple[np.ndarray, np.ndarray, list]:
     """Train a pack of models as one computation through `fwd` (a packed forward); returns their logits
-    (G, T, C) on the targets and each model's mean minibatch loss over steps loss_from.. (G,)."""
+    (G, T, C) on the targets, each model's mean minibatch loss over steps loss_from.. (G,) and the trained
+    models."""
     recipe = task.recipe
-    stacked, _buffers = stack_module_state(models)  # {name: (G, ...)} leaf tensors that require grad
-    params = list(stacked.values())
-    opt = make_optimizer(params, recipe)
+    pack = StackedPack(models, fwd)
+    opt = make_optimizer(pack.parameters(), recipe)
     G, n_steps, b = streams.shape
     loss_sum = torch.zeros(G, dtype=torch.float64, device=x_train.device)
     for step in range(n_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step, n_steps)
         idx = streams[:, step]  # (G, b): every model its own minibatch
-        out = fwd(stacked, x_train[idx])
+        out = pack(x_train[idx])
         per_example = F.cross_entropy(out.reshape(G * b, -1), y_train[idx].reshape(-1), reduction="none",
                                       label_smoothing=recipe.label_smoothing)
         # sum over models of each model's mean loss: model g's gradient is exactly that of its own loss
@@ -257,14 +271,7 @@ def _train_packed(task: Task, fwd: PackedForward, models: list[nn.Module], strea
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        for g, m in enumerate(models):  # write the trained weights back into the per-model modules
-            for name, p in m.named_parameters():
-                p.copy_(stacked[name][g])
-        # on a CPU, eval_batch rows in all (G models x batch): larger activations than this leave the cache
-        batch = eval_batch if x_targets.is_cuda else max(1, eval_batch // G)
-        logits = torch.cat([fwd(stacked, x.expand(G, *x.shape)) for x in x_targets.split(batch)], dim=1)
+    logits = pack.predict(x_targets, eval_batch)
     n_recorded = n_steps - loss_from
     train_loss = (loss_sum / n_recorded).cpu().numpy() if n_recorded > 0 else np.full(G, np.nan)
-    return logits.float().cpu().numpy(), train_loss
-
+    return logits.cpu().numpy(), train_loss, pack.modules()

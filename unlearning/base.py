@@ -12,6 +12,14 @@ with `@unlearning_method(NameHyperparameters)`. The decorator gives it the inter
 the hyperparameters, checks the forget set, then times the body and runs it under `seeded(seed)`. The body
 copies the model itself (`copy_model(req.model)`) and never mutates `req.model`.
 
+A fine-tuning method is written once for G models at a time (`@unlearning_method(Hp, packs=True)`, body
+`name(req: PackRequest, *, <inputs>) -> (example passes per model, [info per model])`): it trains `req.pack`
+in place, model g drawing its minibatches from `req.generators[g]` and its loss a sum over models of per-model
+losses, so that each model follows exactly its own gradient (Adam and SGD act elementwise). The entry runs it
+on one model (a `ModulePack` of a copy) and, through `entry.packed(models, forward, ...)`, on G models as one
+computation (a `StackedPack` over a packed forward): the same draws for every model either way, so the same
+models up to floating-point rounding.
+
 Cost convention (used by every method): one forward + backward of one example = 1 example pass; a forward
 alone counts 1/3 pass (the backward costs about twice the forward). Double-backward steps (MU-Mis) are counted
 in `mumis.py`.
@@ -27,11 +35,13 @@ import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import stack_module_state
 
 # Forward-only passes cost a third of a forward + backward pass (module docstring).
 FORWARD_PASS = 1.0 / 3.0
@@ -305,27 +315,199 @@ def run_timed(
     return UnlearnResult(unlearned, Cost(watch.seconds(), passes), info)
 
 
-def unlearning_method(hyperparameters: type) -> Callable[[Callable], Callable[..., UnlearnResult]]:
+# ----------------------------------------------------------------------------------------------------------
+# packs: G models fine-tuned as one computation (module docstring)
+
+# A packed forward: (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits (G, b, C).
+PackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+class ModulePack:
+    """One model as a pack of G = 1: `pack(x)` maps inputs (1, b, ...) to logits (1, b, C) through the module
+    itself (its BatchNorm and dropout behave as usual). The module is trained in place."""
+
+    size = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x[0]).unsqueeze(0)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return trainable_parameters(self.model)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def frozen(self) -> ModulePack:
+        """A copy in eval mode that takes no gradients (SCRUB's teacher)."""
+        teacher = copy_model(self.model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return ModulePack(teacher)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> torch.Tensor:
+        """Eval-mode logits (1, n, C) float32 on the inputs x (n, ...)."""
+        return predict_logits(self.model, x, batch_size, amp).unsqueeze(0)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+
+class StackedPack:
+    """G models of one architecture as one computation: their parameters stacked ({name: (G, ...)}) and run
+    through a packed forward. For models without buffers or random layers (no BatchNorm statistics, no
+    dropout), so train and eval mode are the same. The input modules are never mutated: `modules()` returns
+    copies holding the pack's current weights."""
+
+    def __init__(self, models: Sequence[nn.Module], forward: PackedForward) -> None:
+        if any(True for m in models for _ in m.buffers()):
+            raise ValueError("StackedPack needs models without buffers (BatchNorm statistics): unlearn them one "
+                             "at a time")
+        self.size = len(models)
+        self._models = list(models)
+        self.forward = forward
+        self.params, _ = stack_module_state(self._models)  # copies: leaf tensors (G, ...) that take gradients
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(self.params, x)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> None:
+        pass  # no BatchNorm, no dropout (class docstring)
+
+    def frozen(self) -> StackedPack:
+        teacher = copy.copy(self)
+        teacher.params = {name: p.detach().clone() for name, p in self.params.items()}
+        return teacher
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> torch.Tensor:
+        """Logits (G, n, C) float32 of every model on the inputs x (n, ...), in batches of about batch_size rows
+        in all (G models x rows) on a CPU, where larger activations leave the cache."""
+        device = self.params[next(iter(self.params))].device
+        rows = batch_size if device.type == "cuda" else max(1, batch_size // self.size)
+        out = []
+        for xb in x.split(rows):
+            xb = xb.to(device, non_blocking=True)
+            with autocast(device, amp):
+                out.append(self(xb.expand(self.size, *xb.shape)).float())
+        return torch.cat(out, dim=1)
+
+    def modules(self) -> list[nn.Module]:
+        out = []
+        with torch.no_grad():
+            for g, model in enumerate(self._models):
+                model = copy_model(model)
+                for name, p in model.named_parameters():
+                    p.copy_(self.params[name][g])
+                out.append(model.eval())
+        return out
+
+
+ModelPack = ModulePack | StackedPack
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """One deletion request on G models as a packed method body sees it (module docstring)."""
+
+    pack: ModelPack  # the models being unlearned: the body trains it in place
+    data: UnlearnData  # the training set
+    forget: torch.Tensor  # the checked forget-set indices (CPU int64), the same for every model
+    hp: Any  # the method's resolved hyperparameters
+    device: torch.device  # where the pack lives
+    generators: list[torch.Generator]  # model g's seeded CPU generator for sampling and shuffling
+
+    @property
+    def size(self) -> int:
+        return len(self.generators)
+
+    @property
+    def retain(self) -> torch.Tensor:
+        return retain_indices(len(self.data), self.forget)
+
+    def examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the training examples `idx` (any shape), on the device."""
+        idx = as_tensor(idx, dtype=torch.int64)
+        return (self.data.x[idx.to(self.data.x.device)].to(self.device),
+                self.data.y[idx.to(self.data.y.device)].to(self.device))
+
+    def batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
+        """One epoch of minibatch positions 0..n-1 for every model, (G, b) each on the device: row g in model g's
+        own seeded order (`shuffled_batches` with its generator, so one model draws the same alone or packed)."""
+        per_model = [shuffled_batches(n, batch_size, g) for g in self.generators]
+        return [torch.stack(step).to(self.device) for step in zip(*per_model)]
+
+
+def gather_rows(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values (G, n, ...) at per-model positions (G, b): (G, b, ...), row g from values[g]."""
+    rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1)
+    return values[rows, positions.to(values.device)]
+
+
+def per_model_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(G,) each model's mean cross-entropy over its batch: logits (G, b, C), labels (G, b)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return ce.view(labels.shape).mean(1)
+
+
+def unlearning_method(hyperparameters: type, *, packs: bool = False,
+                      per_model: tuple[str, ...] = ()) -> Callable[[Callable], Callable[..., UnlearnResult]]:
     """Decorator that turns a method body into a METHODS entry (module docstring).
 
     The body's keyword-only parameters are the method's `inputs` (e.g. `oracle_logits`); every other keyword
     is a hyperparameter override. The entry carries `.Hyperparameters` and `.inputs`; its signature is the
-    public one."""
+    public one. packs: the body takes a `PackRequest` (module docstring) and the entry gets `.packed`;
+    per_model: the inputs that differ between models (one array per model in `.packed`, a list to the body)."""
 
     def decorate(body: Callable[..., tuple]) -> Callable[..., UnlearnResult]:
         keyword_only = [p for p in inspect.signature(body).parameters.values() if p.kind is p.KEYWORD_ONLY]
         inputs = tuple(p.name for p in keyword_only)
 
-        @functools.wraps(body)
-        def method(model, data, forget_idx, *, seed=0, hparams=None, **kwargs) -> UnlearnResult:
+        def resolve(data, forget_idx, hparams, kwargs) -> tuple[dict, Any, torch.Tensor]:
             given = {name: kwargs.pop(name) for name in inputs if name in kwargs}
             hp = resolve_hyperparameters(hyperparameters, hparams, kwargs)
-            forget = check_forget_idx(forget_idx, len(data))
+            return given, hp, check_forget_idx(forget_idx, len(data))
+
+        @functools.wraps(body)
+        def method(model, data, forget_idx, *, seed=0, hparams=None, **kwargs) -> UnlearnResult:
+            given, hp, forget = resolve(data, forget_idx, hparams, kwargs)
 
             def run(device: torch.device, generator: torch.Generator) -> tuple:
-                return body(UnlearnRequest(model, data, forget, hp, seed, device, generator), **given)
+                if not packs:
+                    return body(UnlearnRequest(model, data, forget, hp, seed, device, generator), **given)
+                pack = ModulePack(copy_model(model))
+                one = {name: [v] if name in per_model and v is not None else v for name, v in given.items()}
+                passes, infos = body(PackRequest(pack, data, forget, hp, device, [generator]), **one)
+                return pack.model, passes, infos[0]
 
             return run_timed(model, seed, run)
+
+        def packed(models: Sequence[nn.Module], forward: PackedForward, data, forget_idx, *, seeds: Sequence[int],
+                   hparams=None, **kwargs) -> list[UnlearnResult]:
+            """The method on G models (no buffers) as one computation through `forward`; model g under seeds[g],
+            each result as `method(models[g], ..., seed=seeds[g])` gives it up to rounding. Per-model inputs
+            are sequences of G arrays. Seconds: the pack's, shared equally."""
+            if len(seeds) != len(models):
+                raise ValueError(f"got {len(seeds)} seeds for {len(models)} models")
+            given, hp, forget = resolve(data, forget_idx, hparams, kwargs)
+            for name in per_model:
+                if given.get(name) is not None and len(given[name]) != len(models):
+                    raise ValueError(f"{name} has {len(given[name])} entries for {len(models)} models")
+            device = model_device(models[0])
+            watch = Stopwatch(device)
+            with seeded(seeds[0], device):
+                pack = StackedPack(models, forward)
+                generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+                passes, infos = body(PackRequest(pack, data, forget, hp, device, generators), **given)
+                unlearned = pack.modules()
+            cost = Cost(watch.seconds() / len(models), passes)
+            return [UnlearnResult(m, cost, info) for m, info in zip(unlearned, infos)]
 
         P = inspect.Parameter
         positional = [P(name, P.POSITIONAL_OR_KEYWORD) for name in ("model", "data", "forget_idx")]
@@ -336,6 +518,7 @@ def unlearning_method(hyperparameters: type) -> Callable[[Callable], Callable[..
         )
         method.Hyperparameters = hyperparameters
         method.inputs = inputs
+        method.packed = packed if packs else None
         return method
 
     return decorate

@@ -13,15 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from unlearning.base import (
     FORWARD_PASS,
+    PackRequest,
     UnlearnRequest,
     as_float_tensor,
     as_tensor,
-    copy_model,
-    predict_logits,
     unlearning_method,
 )
 from unlearning.oracle_matching import match_logits
@@ -85,9 +83,10 @@ def _summed_forget_weights(datamodel_weights: Any, n_forget: int, device: torch.
 def datamodel_direct_logits(
     original_logits: torch.Tensor, datamodel_weights: Any, n_forget: int
 ) -> torch.Tensor:
-    """DM-Direct's prediction (T, C): original logits minus the summed forget-set datamodel weights."""
+    """DM-Direct's prediction (T, C): original logits minus the summed forget-set datamodel weights (original
+    logits (G, T, C) of G models: (G, T, C))."""
     delta = _summed_forget_weights(datamodel_weights, n_forget, original_logits.device)
-    if delta.shape != original_logits.shape:
+    if delta.shape != original_logits.shape[-2:]:
         raise ValueError(
             f"datamodel_weights give (T, C) = {tuple(delta.shape)} per forget point but original_logits has "
             f"shape {tuple(original_logits.shape)}; both must cover the same targets and classes."
@@ -141,10 +140,10 @@ class DatamodelMatchingHyperparameters:
     amp: bool = True
 
 
-@unlearning_method(DatamodelMatchingHyperparameters)
+@unlearning_method(DatamodelMatchingHyperparameters, packs=True, per_model=("original_logits",))
 def dm_matching(
-    req: UnlearnRequest, *, datamodel_weights: Any, original_logits: Any = None
-) -> tuple[nn.Module, float, dict]:
+    req: PackRequest, *, datamodel_weights: Any, original_logits: Any = None
+) -> tuple[float, list[dict]]:
     """Datamodel Matching: Oracle Matching where the oracle is DM-Direct on the training points (targets
     0..N-1).
 
@@ -154,10 +153,10 @@ def dm_matching(
     n_train = len(req.data)
     passes = 0.0
     if original_logits is None:
-        original = predict_logits(req.model, req.data.x, amp=req.hp.amp)
+        original = req.pack.predict(req.data.x, amp=req.hp.amp)
         passes += FORWARD_PASS * n_train
     else:
-        original = _original_logits(original_logits, n_train, req.device)[:n_train]
+        original = torch.stack([_original_logits(o, n_train, req.device)[:n_train] for o in original_logits])
     weights = as_tensor(datamodel_weights)
     if weights.ndim == 3 and weights.shape[1] < n_train:
         raise ValueError(
@@ -167,6 +166,5 @@ def dm_matching(
     if weights.ndim == 3:
         weights = weights[:, :n_train]
     oracle = datamodel_direct_logits(original, weights, req.forget.numel())
-    unlearned = copy_model(req.model)
-    ft_passes, info = match_logits(unlearned, req.data, req.forget, oracle, req.hp, req.generator)
-    return unlearned, passes + ft_passes, info
+    ft_passes, infos = match_logits(req, oracle)
+    return passes + ft_passes, infos

@@ -1,27 +1,18 @@
 """Gradient baselines of unlearning (reference.md §6): gradient descent on the retain set (GD / fine-tune),
 gradient ascent on the forget set (GA) and NegGrad+ (descent on retain, ascent on forget, in one loss).
 
-Data flow: model + training set + forget-set indices in, a fine-tuned copy and its cost out. The model trains
-in train mode (BatchNorm batch statistics, dropout on), as practitioners fine-tune.
+Data flow: model + training set + forget-set indices in, a fine-tuned copy and its cost out; each body is
+written for G models at a time (`base.PackRequest`). The model trains in train mode (BatchNorm batch
+statistics, dropout on), as practitioners fine-tune.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from unlearning.base import (
-    UnlearnRequest,
-    autocast,
-    copy_model,
-    shuffled_batches,
-    trainable_parameters,
-    unlearning_method,
-)
+from unlearning.base import PackRequest, autocast, per_model_cross_entropy, unlearning_method
 
 
 @dataclass(frozen=True)
@@ -74,76 +65,72 @@ class NegGradPlusHyperparameters:
     amp: bool = True
 
 
-def _sgd(model: nn.Module, hp: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        trainable_parameters(model), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-    )
+def _sgd(req: PackRequest) -> torch.optim.Optimizer:
+    hp = req.hp
+    return torch.optim.SGD(req.pack.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: bool):
-    with autocast(device, amp):
-        out = model(x)
-    return F.cross_entropy(out.float(), y)
+def _cross_entropy(req: PackRequest, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(G,) each model's mean cross-entropy on its batch x (G, b, ...), y (G, b)."""
+    with autocast(req.device, req.hp.amp):
+        out = req.pack(x)
+    return per_model_cross_entropy(out, y)
 
 
-def _descend_or_ascend(req: UnlearnRequest, idx: torch.Tensor, sign: float) -> tuple[nn.Module, float, dict]:
-    """A copy of the model trained on the examples `idx` with loss sign·CE, and the example passes spent."""
-    hp, device = req.hp, req.device
-    model = copy_model(req.model)
+def _descend_or_ascend(req: PackRequest, idx: torch.Tensor, sign: float) -> tuple[float, list[dict]]:
+    """Train the pack on the examples `idx` with loss sign·CE; returns the example passes spent per model."""
+    hp, pack = req.hp, req.pack
     x, y = req.examples(idx)
-    optimizer = _sgd(model, hp)
-    model.train()
+    optimizer = _sgd(req)
+    pack.train()
     passes = 0.0
     for _ in range(hp.epochs):
-        for batch in shuffled_batches(idx.numel(), hp.batch_size, req.generator):
-            batch = batch.to(device)
-            loss = sign * _cross_entropy(model, x[batch], y[batch], device, hp.amp)
+        for batch in req.batches(idx.numel(), hp.batch_size):
+            loss = sign * _cross_entropy(req, x[batch], y[batch]).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            passes += batch.numel()
-    model.eval()
-    return model, passes, {}
+            passes += batch.shape[1]
+    pack.train(False)
+    return passes, [{} for _ in range(req.size)]
 
 
-@unlearning_method(GradientDescentHyperparameters)
-def gradient_descent(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+@unlearning_method(GradientDescentHyperparameters, packs=True)
+def gradient_descent(req: PackRequest) -> tuple[float, list[dict]]:
     """GD / fine-tune: a copy of `model` trained with cross-entropy on the retain set only."""
     return _descend_or_ascend(req, req.retain, 1.0)
 
 
-@unlearning_method(GradientAscentHyperparameters)
-def gradient_ascent(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+@unlearning_method(GradientAscentHyperparameters, packs=True)
+def gradient_ascent(req: PackRequest) -> tuple[float, list[dict]]:
     """GA: a copy of `model` trained to increase the cross-entropy on the forget set."""
     return _descend_or_ascend(req, req.forget, -1.0)
 
 
-@unlearning_method(NegGradPlusHyperparameters)
-def neggrad_plus(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+@unlearning_method(NegGradPlusHyperparameters, packs=True)
+def neggrad_plus(req: PackRequest) -> tuple[float, list[dict]]:
     """NegGrad+: each step descends alpha·CE on a retain batch and ascends (1 − alpha)·CE on a forget batch;
     the forget set is cycled (reshuffled whenever exhausted) alongside one pass over the retain set per
     epoch."""
-    hp, device, forget, retain = req.hp, req.device, req.forget, req.retain
+    hp, forget, retain = req.hp, req.forget, req.retain
     if retain.numel() == 0:
         raise ValueError("the forget set is the whole training set: NegGrad+ needs retain examples.")
     (xr, yr), (xf, yf) = req.examples(retain), req.examples(forget)
     forget_batch = min(hp.batch_size, forget.numel())
-    unlearned = copy_model(req.model)
-    optimizer = _sgd(unlearned, hp)
-    unlearned.train()
+    optimizer = _sgd(req)
+    req.pack.train()
     passes = 0.0
     forget_queue: list[torch.Tensor] = []
     for _ in range(hp.epochs):
-        for rb in shuffled_batches(retain.numel(), hp.batch_size, req.generator):
+        for rb in req.batches(retain.numel(), hp.batch_size):
             if not forget_queue:
-                forget_queue = shuffled_batches(forget.numel(), forget_batch, req.generator)
-            rb, fb = rb.to(device), forget_queue.pop(0).to(device)
-            loss = hp.alpha * _cross_entropy(unlearned, xr[rb], yr[rb], device, hp.amp) - (
-                1.0 - hp.alpha
-            ) * _cross_entropy(unlearned, xf[fb], yf[fb], device, hp.amp)
+                forget_queue = req.batches(forget.numel(), forget_batch)
+            fb = forget_queue.pop(0)
+            loss = (hp.alpha * _cross_entropy(req, xr[rb], yr[rb])
+                    - (1.0 - hp.alpha) * _cross_entropy(req, xf[fb], yf[fb])).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            passes += rb.numel() + fb.numel()
-    unlearned.eval()
-    return unlearned, passes, {}
+            passes += rb.shape[1] + fb.shape[1]
+    req.pack.train(False)
+    return passes, [{} for _ in range(req.size)]

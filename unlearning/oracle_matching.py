@@ -13,20 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from unlearning.base import (
-    UnlearnData,
-    UnlearnRequest,
-    as_float_tensor,
-    autocast,
-    copy_model,
-    model_device,
-    retain_indices,
-    shuffled_batches,
-    trainable_parameters,
-    unlearning_method,
-)
+from unlearning.base import PackRequest, as_float_tensor, autocast, gather_rows, unlearning_method
 
 
 @dataclass(frozen=True)
@@ -50,73 +38,64 @@ class OracleMatchingHyperparameters:
     amp: bool = True
 
 
-def match_logits(
-    model: nn.Module,
-    data: UnlearnData,
-    forget_idx: torch.Tensor,
-    oracle_logits: torch.Tensor,
-    hp: Any,
-    generator: torch.Generator,
-) -> tuple[float, dict]:
-    """Fine-tune `model` IN PLACE towards `oracle_logits` (N, C) on the OM fine-tuning set; return the example
-    passes spent and diagnostics. `hp` needs the fields of OracleMatchingHyperparameters (DMM's class has
-    them).
+def match_logits(req: PackRequest, oracle_logits: torch.Tensor) -> tuple[float, list[dict]]:
+    """Fine-tune the pack IN PLACE towards `oracle_logits` (G, N, C), model g towards row g, on the OM
+    fine-tuning set; return the example passes spent per model and each model's diagnostics. `req.hp` needs
+    the fields of OracleMatchingHyperparameters (DMM's class has them).
 
     Fine-tuning set (reference.md §3): forget points repeated `forget_multiplier` times plus
-    `retain_multiplier`·|F| retain points drawn once (capped at the retain-set size); shuffled every epoch, so
-    batches mix both. Loss: MSE over all classes' logits. No augmentation."""
-    device = model_device(model)
-    n_train = len(data)
-    retain = retain_indices(n_train, forget_idx)
-    n_retain_sample = min(hp.retain_multiplier * forget_idx.numel(), retain.numel())
-    retain_sample = retain[torch.randperm(retain.numel(), generator=generator)[:n_retain_sample]]
-    finetune_idx = torch.cat([forget_idx.repeat(hp.forget_multiplier), retain_sample])
+    `retain_multiplier`·|F| retain points drawn once (capped at the retain-set size), per model from its own
+    generator; shuffled every epoch, so batches mix both. Loss: MSE over all classes' logits. No
+    augmentation."""
+    hp, device, forget, pack = req.hp, req.device, req.forget, req.pack
+    retain = req.retain
+    n_retain_sample = min(hp.retain_multiplier * forget.numel(), retain.numel())
+    retain_sample = torch.stack([retain[torch.randperm(retain.numel(), generator=g)[:n_retain_sample]]
+                                 for g in req.generators])  # (G, n_retain_sample)
+    finetune_idx = torch.cat([forget.repeat(hp.forget_multiplier).expand(req.size, -1), retain_sample], dim=1)
 
     # The fine-tuning set is small (a multiple of |F|): move it to the device once.
-    x_ft = data.x[finetune_idx.to(data.x.device)].to(device)
-    target_ft = oracle_logits[finetune_idx.to(oracle_logits.device)].to(device)
+    x_ft, _ = req.examples(finetune_idx)  # (G, n_ft, ...)
+    target_ft = gather_rows(oracle_logits, finetune_idx).to(device)  # (G, n_ft, C)
 
-    params = trainable_parameters(model)
-    optimizer = torch.optim.Adam(params, lr=hp.lr)
+    optimizer = torch.optim.Adam(pack.parameters(), lr=hp.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.lr_decay)
-    model.train(hp.batchnorm_train)
+    pack.train(hp.batchnorm_train)
     epoch_losses = []
     passes = 0.0
     for _ in range(hp.epochs):
-        total, count = 0.0, 0
-        for batch in shuffled_batches(finetune_idx.numel(), hp.batch_size, generator):
-            batch = batch.to(device)
+        total = torch.zeros(req.size, dtype=torch.float64, device=device)
+        for batch in req.batches(finetune_idx.shape[1], hp.batch_size):
             with autocast(device, hp.amp):
-                out = model(x_ft[batch])
-            target = target_ft[batch]
+                out = pack(gather_rows(x_ft, batch))
+            target = gather_rows(target_ft, batch)
             if out.shape != target.shape:
                 raise ValueError(
-                    f"the model outputs logits of shape {tuple(out.shape[1:])} per example but the oracle "
-                    f"logits have {tuple(target.shape[1:])}; pass oracle logits with one column per class."
+                    f"the model outputs logits of shape {tuple(out.shape[2:])} per example but the oracle "
+                    f"logits have {tuple(target.shape[2:])}; pass oracle logits with one column per class."
                 )
-            loss = F.mse_loss(out.float(), target)
+            losses = F.mse_loss(out.float(), target, reduction="none").flatten(1).mean(1)  # (G,)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
-            total += loss.item() * batch.numel()
-            count += batch.numel()
-            passes += batch.numel()
+            total += losses.detach().double() * batch.shape[1]
+            passes += batch.shape[1]
         scheduler.step()
-        epoch_losses.append(total / count)
-    model.eval()
-    info = {
-        "finetune_idx": finetune_idx,  # positions into the training set, forget points first (with repeats)
-        "retain_sample_idx": retain_sample,
-        "epoch_losses": epoch_losses,  # mean MSE over the fine-tuning set during each epoch
-    }
-    return passes, info
+        epoch_losses.append(total / finetune_idx.shape[1])
+    pack.train(False)
+    losses = torch.stack(epoch_losses, dim=1).tolist() if epoch_losses else [[] for _ in range(req.size)]
+    infos = [{
+        "finetune_idx": finetune_idx[g],  # positions into the training set, forget points first (with repeats)
+        "retain_sample_idx": retain_sample[g],
+        "epoch_losses": losses[g],  # mean MSE over the fine-tuning set during each epoch
+    } for g in range(req.size)]
+    return passes, infos
 
 
-@unlearning_method(OracleMatchingHyperparameters)
-def oracle_matching(req: UnlearnRequest, *, oracle_logits: Any) -> tuple[nn.Module, float, dict]:
+@unlearning_method(OracleMatchingHyperparameters, packs=True)
+def oracle_matching(req: PackRequest, *, oracle_logits: Any) -> tuple[float, list[dict]]:
     """OM: a copy of `model` fine-tuned so its logits on the fine-tuning set match `oracle_logits` (N, C), the
-    oracle's logits on the N training points. Keyword overrides replace hyperparameters (e.g. `epochs=3`)."""
+    oracle's logits on the N training points (the same oracle for every model of a pack). Keyword overrides
+    replace hyperparameters (e.g. `epochs=3`)."""
     oracle = as_float_tensor("oracle_logits", oracle_logits, (len(req.data), None), req.device)
-    unlearned = copy_model(req.model)
-    passes, info = match_logits(unlearned, req.data, req.forget, oracle, req.hp, req.generator)
-    return unlearned, passes, info
+    return match_logits(req, oracle.expand(req.size, *oracle.shape))

@@ -2,8 +2,9 @@
 student (a copy) alternates max-steps on the forget set, pushing its predictions away from the teacher's, and
 min-steps on the retain set, staying close to the teacher and to the labels.
 
-Data flow: model + training set + forget-set indices in, the student and its cost out. The student trains in
-train mode (as in SCRUB); the teacher is a frozen copy in eval mode.
+Data flow: model + training set + forget-set indices in, the student and its cost out; the body is written
+for G models at a time (`base.PackRequest`). The student trains in train mode (as in SCRUB); the teacher is a
+frozen copy in eval mode.
 """
 
 from __future__ import annotations
@@ -12,17 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from unlearning.base import (
-    FORWARD_PASS,
-    UnlearnRequest,
-    autocast,
-    copy_model,
-    shuffled_batches,
-    trainable_parameters,
-    unlearning_method,
-)
+from unlearning.base import FORWARD_PASS, PackRequest, autocast, per_model_cross_entropy, unlearning_method
 
 
 @dataclass(frozen=True)
@@ -50,26 +42,25 @@ def distillation_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """KL(teacher‖student) of temperature-softened softmaxes, mean over the batch, times T² so that gradient
-    scales do not shrink with the temperature (Hinton et al. 2015, as in SCRUB)."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    scales do not shrink with the temperature (Hinton et al. 2015, as in SCRUB). Logits (..., b, C): one value
+    per leading index (a scalar for one batch (b, C), (G,) for a pack's batches (G, b, C))."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1).mean(-1)
     return kl * temperature**2
 
 
-@unlearning_method(ScrubHyperparameters)
-def scrub(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+@unlearning_method(ScrubHyperparameters, packs=True)
+def scrub(req: PackRequest) -> tuple[float, list[dict]]:
     """SCRUB: max-steps maximise KL(teacher‖student) on the forget set; min-steps minimise gamma·CE +
-    alpha·KL(teacher‖student) on the retain set. Returns the student."""
+    alpha·KL(teacher‖student) on the retain set. The student is the pack."""
     hp, device, forget, retain = req.hp, req.device, req.forget, req.retain
     if retain.numel() == 0:
         raise ValueError("the forget set is the whole training set: SCRUB needs retain examples.")
     (xr, yr), (xf, _) = req.examples(retain), req.examples(forget)
-    teacher = copy_model(req.model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = copy_model(req.model)
-    optimizer = torch.optim.Adam(trainable_parameters(student), lr=hp.lr)
+    student = req.pack
+    teacher = student.frozen()
+    optimizer = torch.optim.Adam(student.parameters(), lr=hp.lr)
     student.train()
     passes = 0.0
 
@@ -79,23 +70,22 @@ def scrub(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
             teacher_logits = teacher(x)
         with autocast(device, hp.amp):
             student_logits = student(x)
-        loss = loss_fn(student_logits.float(), teacher_logits.float())
+        loss = loss_fn(student_logits.float(), teacher_logits.float()).sum()  # per-model losses summed
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        passes += x.shape[0] * (1.0 + FORWARD_PASS)  # student forward + backward, teacher forward
+        passes += x.shape[1] * (1.0 + FORWARD_PASS)  # student forward + backward, teacher forward
 
     for epoch in range(hp.epochs):
         if epoch < hp.max_steps:
-            for fb in shuffled_batches(forget.numel(), hp.batch_size, req.generator):
-                step(xf[fb.to(device)], lambda s, t: -distillation_kl(s, t, hp.temperature))
-        for rb in shuffled_batches(retain.numel(), hp.batch_size, req.generator):
-            rb = rb.to(device)
+            for fb in req.batches(forget.numel(), hp.batch_size):
+                step(xf[fb], lambda s, t: -distillation_kl(s, t, hp.temperature))
+        for rb in req.batches(retain.numel(), hp.batch_size):
             yb = yr[rb]
             step(
                 xr[rb],
-                lambda s, t, yb=yb: hp.gamma * F.cross_entropy(s, yb)
+                lambda s, t, yb=yb: hp.gamma * per_model_cross_entropy(s, yb)
                 + hp.alpha * distillation_kl(s, t, hp.temperature),
             )
-    student.eval()
-    return student, passes, {}
+    student.train(False)
+    return passes, [{} for _ in range(req.size)]

@@ -5,13 +5,15 @@ hyperparameters, where the run tunes) and the datamodel stores (only the forget 
 runs/<name>/unlearned/<forget_set>/<variant>.zarr with the unlearned logits on all targets (K, T, C), the cost
 per model and diagnostics. A variant is a method at one compute budget on one datamodel store (`Variant`:
 dm_matching, dm_matching@3x, dm_matching[trak]). DM-Direct's logits are its predictions. Work unit = (forget
-set, variant, block of full models). The stage also times retraining one model alone per forget set (the
-report's cost basis). The tune stage runs the same units on its tuning sets (`run_variants`). Also serves
+set, variant, block of full models); the fine-tuning methods run a block's models in packs, as one computation
+through the task's packed forward (`unlearn_pack`; the same models as one at a time up to rounding), where the
+task has one. The stage also times retraining per forget set the same way (the report's cost basis). The tune stage runs the same units on its tuning sets (`run_variants`). Also serves
 single deletion requests (`dmu unlearn`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -31,9 +33,16 @@ from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages.models import om_target, open_models
 from pipelines.tasks import Task, TaskData, get_task
-from pipelines.training import default_device, load_state_vector, predict_logits, train_models
+from pipelines.training import (
+    default_device,
+    load_state_vector,
+    pack_size_for,
+    packed_forward,
+    predict_logits,
+    train_models,
+)
 from unlearning import METHODS, UnlearnData, get_method
-from unlearning.base import FORWARD_PASS, Cost
+from unlearning.base import FORWARD_PASS, Cost, PackedForward, StackedPack, Stopwatch
 
 KIND = "unlearned"
 DATAMODEL_METHODS = ("dm_direct", "dm_matching")
@@ -132,6 +141,26 @@ def unlearn_model(task: Task, data: TaskData, params: np.ndarray, method: str, f
     return result.model, logits, cost + result.cost, result.info
 
 
+def unlearn_pack(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
+                 seeds: list[int], hparams: dict, inputs: dict, device: torch.device,
+                 forward: PackedForward) -> list[tuple[np.ndarray, Cost, dict]]:
+    """One deletion request on G models (rows of `params`) as one computation through `forward`, for a method
+    that packs (`METHODS[method].packed`): per model (logits (T, C), cost, info), each as `unlearn_model`
+    with seed seeds[g] gives it up to rounding. Seconds: the pack's, shared equally."""
+    models = [load_state_vector(task.build_model(data.num_classes, 0), p).to(device) for p in params]
+    train = UnlearnData(data.x_train.to(device), data.y_train.to(device))
+    x_targets = data.x_targets.to(device)
+    original = Cost(0.0, 0.0)
+    if method in DATAMODEL_METHODS:
+        watch = Stopwatch(device)
+        logits = StackedPack(models, forward).predict(x_targets)
+        original = Cost(watch.seconds() / len(models), FORWARD_PASS * data.n_targets)
+        inputs = {**inputs, "original_logits": list(logits)}
+    results = METHODS[method].packed(models, forward, train, forget_idx, seeds=seeds, **inputs, **hparams)
+    logits = StackedPack([r.model for r in results], forward).predict(x_targets).cpu().numpy()
+    return [(logits[g], original + r.cost, r.info) for g, r in enumerate(results)]
+
+
 def method_inputs(method: str, *, oracle_mean: np.ndarray | None, weight_rows: np.ndarray | None,
                   n_train: int) -> dict:
     if method == "oracle_matching":
@@ -187,6 +216,25 @@ class Variant:
                 "budget": self.budget}
 
 
+def parse_store_name(name: str) -> tuple[str, str, float]:
+    """(method, datamodel or "", budget) of a variant's store name: the inverse of `Variant.store_name`
+    (dm_matching__trak__x3 -> (dm_matching, trak, 3.0)); a tuning grid point's __g<i> is ignored."""
+    method, *parts = name.split("__")
+    datamodel, budget = "", 1.0
+    for part in parts:
+        if re.fullmatch(r"x[0-9.e+-]+", part):
+            budget = float(part[1:])
+        elif not re.fullmatch(r"g[0-9]+", part):
+            datamodel = part
+    return method, datamodel, budget
+
+
+def store_name_of(label: str) -> str:
+    """A variant's store name from its label as the report shows it: the inverse of `Variant.label`
+    (dm_matching[trak]@3x -> dm_matching__trak__x3)."""
+    return re.sub(r"@([0-9.e+-]+)x$", r"__x\1", label).replace("[", "__").replace("]", "")
+
+
 def scaled(method: str, hparams: dict, budget: float) -> dict:
     """`hparams` with the method's budget knob multiplied by `budget` (rounded, at least 1); SCRUB's max-steps
     stay within its epochs."""
@@ -240,12 +288,23 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
                    if variant.method in DATAMODEL_METHODS else None)
     inputs = method_inputs(variant.method, oracle_mean=oracle_means.get(fs), weight_rows=weight_rows,
                            n_train=data.n_train)
+    seeds = [method_seed(seed, k, fs, variant.method) for k in range(start, stop)]
+    forward = None
+    if METHODS[variant.method].packed is not None:
+        forward = packed_forward(task, task.build_model(data.num_classes, 0), data.x_train[:1])
+    if forward is not None:  # packs of models as one computation (pipelines.training.pack_size_for)
+        size = pack_size_for(device, stop - start)
+        results = [r for i in range(0, stop - start, size)
+                   for r in unlearn_pack(task, data, full_params[i:i + size], variant.method, forget_idx,
+                                         seeds=seeds[i:i + size], hparams=variant.hparams, inputs=inputs,
+                                         device=device, forward=forward)]
+    else:
+        results = [unlearn_model(task, data, full_params[i], variant.method, forget_idx, seed=seeds[i],
+                                 hparams=variant.hparams, inputs=inputs, device=device)[1:]
+                   for i in range(stop - start)]
     out: dict[str, list] = {name: [] for name in ("logits", "seconds", "example_passes", "steps", "stopped_by",
                                                    "final_loss")}
-    for i, k in enumerate(range(start, stop)):
-        _, logits, cost, info = unlearn_model(task, data, full_params[i], variant.method, forget_idx,
-                                              seed=method_seed(seed, k, fs, variant.method), hparams=variant.hparams,
-                                              inputs=inputs, device=device)
+    for logits, cost, info in results:
         losses = info.get("epoch_losses") or [float("nan")]
         for name, value in (("logits", logits), ("seconds", cost.seconds), ("example_passes", cost.example_passes),
                             ("steps", info.get("steps", float("nan"))), ("final_loss", losses[-1]),
@@ -255,19 +314,22 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
 
 
 def time_retraining(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                    forget_sets: dict) -> np.ndarray:
-    """Work unit: retrain one model without forget set `unit[0]`, alone (not packed), as the methods run: its
-    seconds are the cost basis the report divides by (retraining's example passes are counted, not timed)."""
+                    forget_sets: dict, block: int) -> np.ndarray:
+    """Work unit: retrain models without forget set `unit[0]` as the fine-tuning methods run: a pack of as
+    many models as theirs (`pack_size_for` a block of `block` models; one model alone where the task does not
+    pack). Returns (seconds per model, models in the pack): the seconds are the cost basis the report divides by (retraining's example passes
+    are counted, not timed)."""
     fs = unit[0]
-    mask = np.ones((1, data.n_train), dtype=bool)
-    mask[0, forget_sets[fs]] = False
-    result = train_models(get_task(task_cfg), data, mask, model_seeds(1, seed, RETRAIN_TIMING_STREAM),
-                          epoch_size=int(mask.sum()), packed=False)
-    return np.array([result.seconds])
+    n = pack_size_for(default_device(), block)
+    masks = np.ones((n, data.n_train), dtype=bool)
+    masks[:, forget_sets[fs]] = False
+    result = train_models(get_task(task_cfg), data, masks, model_seeds(n, seed, RETRAIN_TIMING_STREAM),
+                          epoch_size=int(masks[0].sum()))
+    return np.array([result.seconds / n, n])
 
 
 RETRAIN_TIMING_STREAM = 3  # seed stream of the one model per forget set that times retraining
-RETRAIN_TIMING = "_retrain_timing.zarr"  # unlearned/<fs>/: seconds to retrain one model, one at a time
+RETRAIN_TIMING = "_retrain_timing.zarr"  # unlearned/<fs>/: seconds to retrain one model (in a pack, attr "pack")
 
 
 def unlearned_arrays(k: int, block: int, data: TaskData) -> dict[str, ArraySpec]:
@@ -351,7 +413,7 @@ def run(ctx: RunContext) -> None:
     chosen = variants(cfg, load_tuned(ctx.run_dir, cfg))
     run_variants(ctx, sets, chosen, root=ctx.run_dir / "unlearned", k=cfg.models.k, ensemble="oracle",
                  config=lambda fs, idx, v: unlearned_config(cfg, fs, idx, v), desc="unlearning")
-    # retraining timed as the methods run (one model alone, same executor), one model per forget set
+    # retraining timed as the fine-tuning methods run (packs of the same size, same executor), per forget set
     timing = {fs: open_or_create(ctx.run_dir / "unlearned" / fs / RETRAIN_TIMING,
                                  {"seconds": ArraySpec((1,), "float64", (1,), float("nan")),
                                   "done": ArraySpec((1,), "bool", (1,), False)}, kind="retrain_timing",
@@ -360,11 +422,14 @@ def run(ctx: RunContext) -> None:
               for fs, idx in sets.items()}
     units = [(fs, 0, 1) for fs, g in timing.items() if not g["done"][0]]
 
-    def write(unit: tuple[str, int, int], seconds: np.ndarray) -> None:
+    def write(unit: tuple[str, int, int], result: np.ndarray) -> None:
+        seconds, pack = result
+        timing[unit[0]].attrs["pack"] = int(pack)
         timing[unit[0]]["seconds"][:] = seconds
         timing[unit[0]]["done"][:] = True
 
-    drive(ctx, time_retraining, units, {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets},
+    drive(ctx, time_retraining, units, {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "forget_sets": sets,
+                                        "block": min(cfg.models.block_size, cfg.models.k)},
           write, total=len(sets), desc="timing retraining")
 
 

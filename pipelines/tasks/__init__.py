@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipelines.config import ConfigError, TaskConfig
+from unlearning.base import PackedForward
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
@@ -89,8 +90,8 @@ class TaskData:
                         self.num_classes)
 
 
-# Packed forward: (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits (G, b, C).
-PackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+# Packed forward: (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits (G, b, C); the unlearning
+# methods run packs through the same forwards (unlearning.base.StackedPack).
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from attribution.store import StoreError
 from pipelines.config import TuneConfig, UnlearnConfig
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages import tune as tune_stage
+from pipelines.stages.unlearn import Variant, parse_store_name, store_name_of
 from tests.pipelines.test_stages import run, stage_config, write_datamodels
 from unlearning import METHODS as ALL
 from unlearning.klom import klom, margins
@@ -150,3 +151,15 @@ def test_lasso_and_trak_datamodels_side_by_side(tmp_path):
                                                                      "dm_direct[trak]"]
     md = (ctx.run_dir / "report" / "report.md").read_text()
     assert "| dm_direct[trak] |" in md and "| dm_direct[lasso] |" in md
+
+
+@pytest.mark.parametrize("method, datamodel, budget, show, point", [
+    ("dm_matching", "trak", 3.0, True, None), ("dm_matching", "lasso", 1.0, False, None),
+    ("scrub", None, 0.33, False, None), ("mu_mis", None, 1.0, False, 2), ("dm_direct", "lasso", 1.0, True, 0)])
+def test_variant_names_parse_back(method, datamodel, budget, show, point):
+    """The report reads a store name back into (method, datamodel, budget), `open_run(...).unlearned` a label
+    into its store name: both are the inverses of Variant's naming."""
+    v = Variant(method, {}, datamodel, budget, show, point)
+    assert parse_store_name(v.store_name) == (method, datamodel if show else "", budget)
+    if point is None:
+        assert store_name_of(v.label) == v.store_name
