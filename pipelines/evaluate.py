@@ -127,7 +127,24 @@ def _tuning(run_dir: Path) -> dict | None:
     tune = json.loads(path.read_text())
     return {key: tune.get(key) for key in ("criterion", "k", "sets", "grid", "chosen", "untuned")} | {
         "scores": {m: [{"hparams": e["hparams"], "score": e["score"]} for e in entries]
-                   for m, entries in tune.get("candidates", {}).items()}}
+                   for m, entries in tune.get("candidates", {}).items()},
+        "at_grid_edge": grid_edges(tune.get("grid", {}), tune.get("chosen", {}))}
+
+
+def grid_edges(grid: dict, chosen: dict) -> dict[str, dict[str, str]]:
+    """method -> {hyperparameter: "lowest" | "highest"} where the choice is an end of a grid of 2 or more values
+    (a better value may lie beyond what was tried)."""
+    out: dict[str, dict[str, str]] = {}
+    for method, axes in grid.items():
+        for key, values in axes.items():
+            value = chosen.get(method, {}).get(key)
+            try:
+                ends = (min(values), max(values))
+            except TypeError:  # values with no order (e.g. strings and numbers mixed): no ends
+                continue
+            if len(values) > 1 and value in ends:
+                out.setdefault(method, {})[key] = "lowest" if value == min(values) else "highest"
+    return out
 
 
 def _datamodels_cost(run_dir: Path, info: dict) -> dict | None:

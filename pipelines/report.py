@@ -129,6 +129,12 @@ def _tuning_section(tuning: dict | None) -> list[str]:
         grid = "; ".join(f"{k}: {v}" for k, v in tuning["grid"][method].items())
         lines.append(f"| {method} | {grid} | {tuning['chosen'][method]} | {_fmt(min(scores))} / "
                      f"{_fmt(max(scores))} |")
+    edges = tuning.get("at_grid_edge") or {}
+    if edges:
+        listed = "; ".join(f"{method} {key} {tuning['chosen'][method][key]} ({end} tried)"
+                           for method, keys in edges.items() for key, end in keys.items())
+        lines += ["", f"Chosen at an end of its grid, so a better value may lie beyond it: {listed}. Widen the "
+                  "grid (tune.grid) to know."]
     if tuning.get("untuned"):
         lines += ["", f"Not tuned (no grid): {', '.join(tuning['untuned'])}: config hparams or defaults."]
     return lines + [""]

@@ -15,7 +15,7 @@ import zarr
 from scipy.stats import entropy
 
 from attribution.store import ArraySpec, StoreError, open_or_create
-from pipelines.evaluate import POINT_SETS
+from pipelines.evaluate import POINT_SETS, grid_edges
 from pipelines.linear import linear_experiment
 from pipelines.report import build_report
 from pipelines.stages.models import stored_oracle_rows
@@ -413,3 +413,12 @@ def test_plotted_data_is_metrics_json(run):
     # "perfect" at budgets 1 and 3: one curve of two points, in cost order
     curve = drawn["random_5"]["forget"]["curves"]["perfect"]
     assert len(curve) == 2 and curve[0][0] <= curve[1][0]
+
+
+def test_grid_edges_name_choices_at_an_end_of_their_grid():
+    grid = {"scrub": {"lr": [2e-3, 8e-3, 3e-2]}, "gd": {"lr": [0.1, 0.01, 0.03], "epochs": [5]},
+            "mu_mis": {"delta": [1.02, 1.05, 1.1]}, "om": {"lr": [1e-3, 1e-2]}}
+    chosen = {"scrub": {"lr": 3e-2, "max_steps": 5}, "gd": {"lr": 0.01, "epochs": 5}, "mu_mis": {"delta": 1.05},
+              "om": {"lr": 1e-2}}
+    # gd's grid is unordered in the config: its lowest value is 0.01; a one-value axis has no edge
+    assert grid_edges(grid, chosen) == {"scrub": {"lr": "highest"}, "gd": {"lr": "lowest"}, "om": {"lr": "highest"}}
