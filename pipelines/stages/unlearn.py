@@ -7,8 +7,9 @@ per model and diagnostics. A variant is a method at one compute budget on one da
 dm_matching, dm_matching@3x, dm_matching[trak]). DM-Direct's logits are its predictions. Work unit = (forget
 set, variant, block of full models); the fine-tuning methods run a block's models in packs, as one computation
 through the task's packed forward (`unlearn_pack`; the same models as one at a time up to rounding), where the
-task has one. The stage also times retraining per forget set the same way (the report's cost basis). The tune stage runs the same units on its tuning sets (`run_variants`). Also serves
-single deletion requests (`dmu unlearn`).
+task has one. The stage also times retraining per forget set the same way (the report's cost basis). The tune
+stage runs the same units on its tuning sets (`run_variants`). Also serves single deletion requests (`dmu
+unlearn`).
 """
 
 from __future__ import annotations
@@ -315,10 +316,10 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
 
 def time_retraining(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
                     forget_sets: dict, block: int) -> np.ndarray:
-    """Work unit: retrain models without forget set `unit[0]` as the fine-tuning methods run: a pack of as
-    many models as theirs (`pack_size_for` a block of `block` models; one model alone where the task does not
-    pack). Returns (seconds per model, models in the pack): the seconds are the cost basis the report divides by (retraining's example passes
-    are counted, not timed)."""
+    """Work unit: retrain models without forget set `unit[0]` as the fine-tuning methods run, as many as one of
+    their packs (`pack_size_for` a block of `block` models; trained one at a time where the task does not pack).
+    Returns (seconds per model, models trained): the seconds are the cost basis the report divides by
+    (retraining's example passes are counted, not timed)."""
     fs = unit[0]
     n = pack_size_for(default_device(), block)
     masks = np.ones((n, data.n_train), dtype=bool)
@@ -328,7 +329,7 @@ def time_retraining(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: T
     return np.array([result.seconds / n, n])
 
 
-RETRAIN_TIMING_STREAM = 3  # seed stream of the one model per forget set that times retraining
+RETRAIN_TIMING_STREAM = 3  # seed stream of the models per forget set that time retraining
 RETRAIN_TIMING = "_retrain_timing.zarr"  # unlearned/<fs>/: seconds to retrain one model (in a pack, attr "pack")
 
 
@@ -503,10 +504,10 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
                               "stage, or use dm_matching")
         inputs = {"oracle_logits": target[:data.n_train]}
     hp = {**load_tuned(run_dir, cfg).get(method, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
-    unlearned, logits, cost, _ = unlearn_model(
-        task, data, read(models["full/params"], model_index, store=store_path(run_dir, "models.zarr")), method, idx, seed=method_seed(cfg.seed, model_index, "request",
-                                                                                      method),
-        hparams=hp, inputs=inputs, device=default_device())
+    params = read(models["full/params"], model_index, store=store_path(run_dir, "models.zarr"))
+    unlearned, logits, cost, _ = unlearn_model(task, data, params, method, idx,
+                                               seed=method_seed(cfg.seed, model_index, "request", method),
+                                               hparams=hp, inputs=inputs, device=default_device())
     labels = data.y_targets.numpy()
     retain = np.setdiff1d(np.arange(data.n_train), idx)
     test = np.arange(data.n_train, data.n_targets)
