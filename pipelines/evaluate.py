@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
     """(metrics, per_point) of every finished unlearned store of the run against its oracles.
 
     run_dir, labels, seed, linear: as pipelines.report.build_report. metrics: the report's numbers, not yet made
-    JSON-safe (_json_safe; NaN stays NaN for the plots); what could not be scored is listed in metrics["skipped"].
+    JSON-safe (json_safe; NaN stays NaN for the plots); what could not be scored is listed in metrics["skipped"].
     per_point: {forget set: {method or "oracle floor": per-point KLOM on its forget points}}.
     """
     run_dir = as_path(run_dir)
@@ -247,6 +247,13 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
                            f"{(k, info['t'], info['c'])}")
             continue
         method = store.attrs.get("method", name)
+        # A model whose unlearning diverged (non-finite logits: gradient ascent past its budget) has no margins:
+        # the variant is scored over the others and the report names how many diverged.
+        finite = np.isfinite(logits).reshape(len(logits), -1).all(1)
+        if not finite.any():
+            skipped.append(f"{fs}/{label}: all {len(finite)} models diverged (non-finite logits): nothing to score")
+            continue
+        logits = logits[finite]
         method_margins = margins(logits, labels)
         values = klom(method_margins, oracle_margins)
         per_point[label] = values[forget]
@@ -265,7 +272,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
             "lira": _lira(method_margins[:, forget], floor_margins, full_margins[:, forget],
                           oracle_margins[:, forget]),
             "cost": _cost(store, method, om_oracles, retrain, n),
-            "diagnostics": _diagnostics(store, method),
+            "diagnostics": _diagnostics(store, method, diverged=int((~finite).sum())),
         }
     if not methods:
         skipped.append(f"forget set {fs}: no finished unlearned stores")
@@ -319,17 +326,19 @@ def _cost(store, method: str, om_oracles: int, retrain: dict, n: int) -> dict:
             "oracle_seconds": extra_seconds}
 
 
-def _diagnostics(store, method: str) -> dict:
+def _diagnostics(store, method: str, diverged: int = 0) -> dict:
     """What each method reports about its own run: MU-Mis's steps and why it stopped (counts over the models),
-    OM's and DMM's final matching loss (mean over models). Empty for the others and for older stores."""
-    out: dict = {}
+    OM's and DMM's final matching loss (mean over the models that did not diverge), and for any method the
+    number of models whose unlearning diverged (non-finite logits; left out of every score). Empty for the
+    others and for older stores."""
+    out: dict = {"diverged": diverged} if diverged else {}
     if "stopped_by" in store and method == "mu_mis":
         codes = np.asarray(store["stopped_by"][:])
         out["stopped_by"] = {name: int((codes == i).sum()) for i, name in enumerate(STOPPED_BY)}
         steps = np.asarray(store["steps"][:])
         out["steps"] = {"mean": float(steps.mean()), "min": float(steps.min()), "max": float(steps.max())}
     if "final_loss" in store and method in ("oracle_matching", "dm_matching"):
-        out["final_matching_loss"] = float(np.mean(store["final_loss"][:]))
+        out["final_matching_loss"] = float(np.nanmean(store["final_loss"][:]))
     return out
 
 
@@ -383,11 +392,11 @@ def _linear_summary(linear: dict) -> dict:
                                "min_relative": e["min_relative"]} for name, e in linear["methods"].items()}}
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):

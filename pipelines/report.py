@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.store import as_path, make_dirs, write_text
-from pipelines.evaluate import POINT_SETS, _floor_label, _json_safe, evaluate_run
+from pipelines.evaluate import POINT_SETS, _floor_label, evaluate_run, json_safe
 from pipelines.evaluate import _check_labels as _check_labels  # re-exported: pipelines.api
 from pipelines.evaluate import _run_info as _run_info  # re-exported: pipelines.api
 from pipelines.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve
@@ -38,7 +38,7 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
     plots = {}
     if metrics["forget_sets"]:
         drawn = plot_klom_vs_cost(metrics, out / "klom_vs_cost.png")
-        write_text(out / "klom_vs_cost.json", json.dumps(_json_safe(drawn), indent=1))  # the plot's data
+        write_text(out / "klom_vs_cost.json", json.dumps(json_safe(drawn), indent=1))  # the plot's data
         plots["KLOM p99 against cost (seed Figure 2)"] = "klom_vs_cost.png"
     per_point = {fs: values for fs, values in per_point.items() if values}
     if per_point:
@@ -52,7 +52,7 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
 
         plot_linear(linear, out / "linear.png")
         plots["Linear model (seed Figure 3)"] = "linear.png"
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     write_text(out / "report.md", render_markdown(metrics, plots))
     return metrics
@@ -90,8 +90,9 @@ def _table(fs_metrics: dict) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
 
     for name, m in fs_metrics["methods"].items():
-        row(name, m["klom"], m["accuracy"], m["avg_gap"], m["mia"], m.get("lira"), m["cost"],
-            m["margins"]["retain"]["spread"])
+        diverged = (m.get("diagnostics") or {}).get("diverged")
+        row(f"{name} ({diverged} diverged)" if diverged else name, m["klom"], m["accuracy"], m["avg_gap"], m["mia"],
+            m.get("lira"), m["cost"], m["margins"]["retain"]["spread"])
     r = fs_metrics["retrain"]
     row("retrain (oracles)", None, r["accuracy"], None, r["mia"], None, r["cost"])
     if fs_metrics["oracle_floor"] is not None:
@@ -105,6 +106,9 @@ def _diagnostics(fs_metrics: dict) -> list[str]:
     lines = []
     for name, m in fs_metrics["methods"].items():
         d = m.get("diagnostics") or {}
+        if d.get("diverged"):
+            lines.append(f"- {name}: {d['diverged']} models diverged (non-finite logits); every score of this row is "
+                         "over the others")
         if "stopped_by" in d:
             counts = ", ".join(f"{why} {n}" for why, n in d["stopped_by"].items() if n)
             lines.append(f"- {name}: stopped by {counts}; steps {d['steps']['min']:g}-{d['steps']['max']:g} "
@@ -125,10 +129,11 @@ def _tuning_section(tuning: dict | None) -> list[str]:
              f"Criterion: {tuning['criterion']}. Every method with a grid had its values tried on the same "
              "sets and models.", "", "| method | grid | chosen | score (chosen / worst) |", "|---|---|---|---|"]
     for method, entries in tuning["scores"].items():
-        scores = [e["score"] for e in entries]
+        scores = [e["score"] for e in entries if e["score"] is not None]  # None: a grid point diverged
+        worst = _fmt(max(scores)) if len(scores) == len(entries) else "diverged"
         grid = "; ".join(f"{k}: {v}" for k, v in tuning["grid"][method].items())
-        lines.append(f"| {method} | {grid} | {tuning['chosen'][method]} | {_fmt(min(scores))} / "
-                     f"{_fmt(max(scores))} |")
+        lines.append(f"| {method} | {grid} | {tuning['chosen'][method]} | "
+                     f"{_fmt(min(scores)) if scores else 'diverged'} / {worst} |")
     edges = tuning.get("at_grid_edge") or {}
     if edges:
         listed = "; ".join(f"{method} {key} {tuning['chosen'][method][key]} ({end} tried)"

@@ -16,11 +16,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 
 import numpy as np
 
 from attribution.store import StoreError, as_path, diff_keys, normalise_config, read, write_text
 from pipelines.config import RunConfig, to_dict
+from pipelines.evaluate import json_safe
 from pipelines.reuse import store_path
 from pipelines.stages import RunContext
 from pipelines.stages import forget_sets as forget_sets_stage
@@ -77,7 +79,11 @@ def load(run_dir, cfg: RunConfig) -> dict:
 
 def score(unlearned_logits: np.ndarray, oracle_margins: np.ndarray, labels: np.ndarray,
           point_sets: dict[str, np.ndarray]) -> tuple[float, dict]:
-    """The criterion on one tuning set: (mean of the KLOM p95 over the point sets, the p95 per point set)."""
+    """The criterion on one tuning set: (mean of the KLOM p95 over the point sets, the p95 per point set);
+    infinite where any model's unlearning diverged (non-finite logits), so that a diverging setting is never
+    chosen over one that does not."""
+    if not np.isfinite(unlearned_logits).all():
+        return math.inf, {name: math.inf for name in POINT_SETS}
     summary = klom_summary(klom(margins(unlearned_logits, labels), oracle_margins), point_sets)
     per_set = {name: summary[name]["p95"] for name in POINT_SETS}
     return float(np.mean(list(per_set.values()))), per_set
@@ -121,6 +127,9 @@ def run(ctx: RunContext) -> None:
             entry["score"] = float(np.mean([s["score"] for s in entry["per_set"].values()]))
         best = min(range(len(entries)), key=lambda i: entries[i]["score"])
         chosen[method] = entries[best]["hparams"]
+        if not math.isfinite(entries[best]["score"]):
+            log.warning("tune: %s diverged at every grid point (non-finite logits); it runs with %s: give it a "
+                        "grid of smaller learning rates (tune.grid)", method, chosen[method])
         log.info("tune: %s -> %s (score %.3f; grid of %d)", method, chosen[method], entries[best]["score"],
                  len(entries))
     untuned = [m for m in cfg.unlearn.methods if m not in grid and METHODS[m].Hyperparameters.__dataclass_fields__]
@@ -128,4 +137,4 @@ def run(ctx: RunContext) -> None:
     write_text(path(ctx.run_dir), json.dumps({
         "config": tune_config(cfg, sets), "criterion": CRITERION, "k": k,
         "sets": {n: {"size": s["size"], "how": s["how"]} for n, s in stored.items()},
-        "grid": cfg.tune.grid, "candidates": results, "chosen": chosen, "untuned": untuned}, indent=1))
+        "grid": cfg.tune.grid, "candidates": json_safe(results), "chosen": chosen, "untuned": untuned}, indent=1))

@@ -422,3 +422,34 @@ def test_grid_edges_name_choices_at_an_end_of_their_grid():
               "om": {"lr": 1e-2}}
     # gd's grid is unordered in the config: its lowest value is 0.01; a one-value axis has no edge
     assert grid_edges(grid, chosen) == {"scrub": {"lr": "highest"}, "gd": {"lr": "lowest"}, "om": {"lr": "highest"}}
+
+
+def test_diverged_models_are_left_out_and_named(run, tmp_path):
+    """Unlearning that diverged (non-finite logits: gradient ascent past its budget) is scored over the models that
+    did not diverge, and the report says how many did; a variant whose models all diverged is skipped, named."""
+    run_dir, _, truth = run
+    copy = tmp_path / "diverged"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "report")
+    labels, fs = truth["labels"], "random_8"
+    logits = np.roll(truth["oracles"][fs], 3, axis=0) + 0.3
+    logits[[1, 4], 5] = np.nan
+    logits[4, 7, 0] = np.inf
+    for name, values in (("neggrad_plus__x3", logits), ("gradient_ascent__x3", np.full_like(logits, np.nan))):
+        method = name.split("__")[0]
+        write_store(copy / "unlearned" / fs / f"{name}.zarr",
+                    {"logits": values, "seconds": np.full(K, 0.1), "example_passes": np.full(K, 9.0),
+                     "done": np.ones(K, bool)}, "unlearned",
+                    {"method": method, "forget_set": fs, "budget": 3.0, "label": f"{method}@3x"})
+    metrics = build_report(copy, labels, seed=SEED)
+    got = metrics["forget_sets"][fs]["methods"]["neggrad_plus@3x"]
+    assert got["diagnostics"]["diverged"] == 2
+    kept = logits[[0, 2, 3, 5]]
+    expected = klom_summary(klom(margins(kept, labels), margins(truth["oracles"][fs], labels)), point_sets(fs))
+    assert got["klom"]["forget"]["p95"] == pytest.approx(expected["forget"]["p95"], rel=1e-12)
+    assert got["accuracy"]["forget"] == pytest.approx(
+        float((kept[:, point_sets(fs)["forget"]].argmax(-1) == labels[point_sets(fs)["forget"]]).mean()))
+    assert "gradient_ascent@3x" not in metrics["forget_sets"][fs]["methods"]
+    assert any(f"{fs}/gradient_ascent@3x: all {K} models diverged" in s for s in metrics["skipped"])
+    report = (copy / "report" / "report.md").read_text()
+    assert "| neggrad_plus@3x (2 diverged) |" in report and "2 models diverged (non-finite logits)" in report

@@ -163,3 +163,18 @@ def test_variant_names_parse_back(method, datamodel, budget, show, point):
     assert parse_store_name(v.store_name) == (method, datamodel if show else "", budget)
     if point is None:
         assert store_name_of(v.label) == v.store_name
+
+
+def test_a_diverging_grid_point_scores_infinite():
+    """A grid point where any model's unlearning diverged (non-finite logits) is never chosen: its score is inf,
+    and tune.json stores it as null."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 12)
+    oracle = margins(rng.normal(size=(4, 12, 3)), labels)
+    sets = {"forget": np.arange(3), "retain": np.arange(3, 8), "validation": np.arange(8, 12)}
+    logits = rng.normal(size=(4, 12, 3))
+    finite_score, _ = tune_stage.score(logits, oracle, labels, sets)
+    logits[2, 5, 1] = np.nan
+    score, per_set = tune_stage.score(logits, oracle, labels, sets)
+    assert np.isfinite(finite_score) and score == np.inf and set(per_set.values()) == {np.inf}
+    assert json.loads(json.dumps(tune_stage.json_safe({"score": score})))["score"] is None
