@@ -60,14 +60,27 @@ def _check_logits_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
     return z, y
 
 
+def in_range(compute, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """compute(z, y) in z's precision, or in float64 where that overflows: logits near the float32 limit (a model
+    whose fine-tuning ran away, e.g. gradient ascent) still have finite margins and losses in float64."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = compute(z, y)
+    if z.dtype != np.float64 and not np.isfinite(out).all():
+        out = compute(z.astype(np.float64), y)
+    return out
+
+
 def margins(logits, labels) -> np.ndarray:
     """Margin m = z_y - logsumexp_{k != y} z_k of every point (reference.md §4).
 
     logits: (..., n_points, C) (e.g. (n_models, n_points, C)); labels: (n_points,) ints.
-    Returns (..., n_points) in the logits' float precision. Stable: the log-sum-exp subtracts the largest
-    other logit before exponentiating.
+    Returns (..., n_points) in the logits' float precision (float64 where that would overflow, `in_range`).
+    Stable: the log-sum-exp subtracts the largest other logit before exponentiating.
     """
-    z, y = _check_logits_labels(logits, labels)
+    return in_range(_margins, *_check_logits_labels(logits, labels))
+
+
+def _margins(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     points = np.arange(y.shape[0])
     correct = z[..., points, y]
     others = z.copy()

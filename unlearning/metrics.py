@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from unlearning.klom import _as_array, _check_logits_labels
+from unlearning.klom import _as_array, _check_logits_labels, in_range
 
 # reference.md §6: the population MIA of SCRUB / the NeurIPS 2023 kit uses 5-fold cross-validation.
 MIA_FOLDS = 5
@@ -43,8 +43,12 @@ def accuracy(logits, labels):
 
 
 def per_example_loss(logits, labels) -> np.ndarray:
-    """Cross-entropy of every point, logsumexp_k z_k - z_y (natural log), shape (..., n_points)."""
-    z, y = _check_logits_labels(logits, labels)
+    """Cross-entropy of every point, logsumexp_k z_k - z_y (natural log), shape (..., n_points); in float64
+    where the logits' precision would overflow (`unlearning.klom.in_range`)."""
+    return in_range(_per_example_loss, *_check_logits_labels(logits, labels))
+
+
+def _per_example_loss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     top = z.max(axis=-1)
     lse = top + np.log(np.exp(z - top[..., None]).sum(axis=-1))
     return lse - z[..., np.arange(y.shape[0]), y]

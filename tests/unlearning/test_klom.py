@@ -147,6 +147,21 @@ def test_margins_are_stable_for_large_logits():
     np.testing.assert_allclose(got, [1000.0 - math.log(2.0), -2000.0, -math.log(2.0)], rtol=1e-12)
 
 
+def test_margins_and_losses_of_runaway_float32_logits_are_finite(recwarn):
+    """Logits near the float32 limit (gradient ascent that ran away) overflow a float32 log-sum-exp: margins and
+    losses come back in float64, finite and equal to the float64 computation, without a warning."""
+    from unlearning.metrics import per_example_loss
+
+    logits = np.array([[3e38, -3e38, 1.0], [0.5, 2.0, -1.0]], dtype=np.float32)
+    labels = np.array([1, 0])
+    wide = logits.astype(np.float64)
+    np.testing.assert_allclose(margins(logits, labels), [-6e38, 0.5 - np.logaddexp(2.0, -1.0)], rtol=1e-6)
+    np.testing.assert_array_equal(margins(logits, labels), margins(wide, labels))
+    np.testing.assert_array_equal(per_example_loss(logits, labels), per_example_loss(wide, labels))
+    assert np.isfinite(per_example_loss(logits, labels)).all() and not recwarn.list
+    assert margins(logits[1:], labels[1:]).dtype == np.float32  # in range: the logits' precision
+
+
 def test_margins_reject_bad_input():
     with pytest.raises(ValueError, match="labels must have shape"):
         margins(np.zeros((4, 3)), np.zeros(5, dtype=int))
