@@ -50,11 +50,12 @@ def _colors(metrics: dict) -> dict[str, tuple]:
 
     labels = {_series(m) for fs in metrics["forget_sets"].values() for m in fs["methods"]}
     names = sorted(labels, key=lambda n: (_method_order({x.split("[")[0] for x in labels}).index(n.split("[")[0]), n))
-    cmap = colormaps["tab10"]
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    # tab10's colours while they suffice; past 10 curves (mnist1d.yaml has 11), tab20's 20 distinct ones
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-MARKERS = "osD^vP<>Xh"
+MARKERS = "osD^vP<>XhpH"  # one per curve up to 12 (the star is retraining's)
 # Figure 2's panels: KLOM p99 on each point set and their average
 FIGURE2_PANELS = (*POINT_SETS, "average")
 

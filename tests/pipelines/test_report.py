@@ -453,3 +453,13 @@ def test_diverged_models_are_left_out_and_named(run, tmp_path):
     assert any(f"{fs}/gradient_ascent@3x: all {K} models diverged" in s for s in metrics["skipped"])
     report = (copy / "report" / "report.md").read_text()
     assert "| neggrad_plus@3x (2 diverged) |" in report and "2 models diverged (non-finite logits)" in report
+
+
+def test_every_curve_has_its_own_colour_and_marker():
+    """mnist1d.yaml draws 11 curves (two datamodels for DM-Direct and DMM): no two may look alike."""
+    from pipelines.plots import MARKERS, _colors
+
+    names = ["do_nothing", "dm_direct[lasso]", "dm_direct[trak]", "dm_matching[lasso]", "dm_matching[trak]",
+             "oracle_matching", "mu_mis", "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub"]
+    colors = _colors({"forget_sets": {"a": {"methods": {n: {} for n in names}}}})
+    assert len(colors) == 11 and len(set(colors.values())) == 11 and len(MARKERS) >= 11
