@@ -229,6 +229,7 @@ def open_or_create(path: str | Path, arrays: dict[str, ArraySpec], *, kind: str,
     if exists(path):
         group = open_group(path, mode="r+")
         check_store(group, path, kind=kind, config=config)
+        remove_partial_writes(path)
         missing = [name for name in arrays if name not in group]
         if missing:
             raise StoreError(f"store {path} lacks arrays {missing}: it is damaged; move it away to start it again")
@@ -245,6 +246,18 @@ def open_or_create(path: str | Path, arrays: dict[str, ArraySpec], *, kind: str,
     group.attrs.update({"kind": kind, "schema_version": SCHEMA_VERSION, "config": config,
                         "config_hash": config_hash(config), **(attrs or {})})
     return group
+
+
+def remove_partial_writes(path: str | Path) -> int:
+    """Delete the temporary files (`*.partial`) that Zarr's local store writes before renaming them into place and
+    that a killed writer leaves behind (Zarr would list them as unknown members, with a warning). Only for a store
+    about to be resumed by the one process that writes it. Returns how many were removed."""
+    if not is_local(path):
+        return 0
+    stale = list(Path(location(path)).rglob("*.partial"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def check_store(group: zarr.Group, path: Path, *, kind: str, config: dict | None = None) -> None:

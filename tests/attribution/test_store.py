@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import zarr
@@ -33,3 +35,24 @@ def test_wrong_kind_and_missing(tmp_path):
         open_store(tmp_path / "s.zarr", "other")
     with pytest.raises(StoreError, match="no store"):
         open_store(tmp_path / "nope.zarr", "k")
+
+
+def test_resume_removes_a_killed_writers_partial_files(tmp_path):
+    """Zarr's local store writes `<name>.<uuid>.partial` and renames it into place; a writer killed in between
+    leaves it, and listing the group would warn about an unknown member. Resuming the store removes it and keeps
+    every finished write."""
+    path = tmp_path / "s.zarr"
+    g = open_or_create(path, {**SPEC, "sub/y": ArraySpec((4,), "float32", (4,))}, kind="k", config={})
+    g["x"][:4] = 2.0
+    (path / "zarr.1f2e.partial").write_bytes(b"{")  # a killed group-metadata write
+    (path / "sub" / "y" / "c").mkdir(parents=True, exist_ok=True)
+    (path / "sub" / "y" / "c" / "0.9a8b.partial").write_bytes(b"\0" * 3)  # a killed chunk write
+    with pytest.warns(UserWarning, match="not recognized"):
+        dict(zarr.open_group(str(path), mode="r").members(max_depth=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g2 = open_or_create(path, {**SPEC, "sub/y": ArraySpec((4,), "float32", (4,))}, kind="k", config={})
+        members = dict(g2.members(max_depth=None))
+    assert not list(path.rglob("*.partial"))
+    assert {"x", "done", "sub", "sub/y"} <= set(members)
+    np.testing.assert_array_equal(g2["x"][:4], 2.0)
