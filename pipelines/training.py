@@ -12,11 +12,13 @@ TaskData and Recipe are declared in pipelines/tasks (imported from there, and re
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -143,6 +145,8 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
     if len(seeds) != len(masks):
         raise ValueError(f"got {len(seeds)} seeds for {len(masks)} masks")
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cpu":
+        keep_freed_memory()
     recipe = task.recipe
     n_steps = n_steps_for(recipe, int(epoch_size or masks[0].sum()))
     # the final training loss averages the last epoch's steps (one step's minibatch loss alone is noisy)
@@ -155,9 +159,11 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
     start = time.perf_counter()
     fwd = packed_forward(task, models[0], x_train[:1]) if packed else None
     if fwd is not None:
-        size = pack_size or pack_size_for(device, len(models))
-        packs = [_train_packed(task, fwd, models[i:i + size], streams[i:i + size], x_train, y_train, x_targets,
-                               eval_batch, loss_from) for i in range(0, len(models), size)]
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        size = pack_size or pack_size_for(device, len(models), threads)
+        packs = _map_packs(lambda i: _train_packed(task, fwd, models[i:i + size], streams[i:i + size], x_train,
+                                                   y_train, x_targets, eval_batch, loss_from),
+                           range(0, len(models), size), threads)
         models = [m for p in packs for m in p[2]]
     else:
         packs = [_train_one(task, m, streams[i], x_train, y_train, x_targets, int(seeds[i]), eval_batch,
@@ -170,9 +176,50 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
                        example_passes=len(models) * n_steps * recipe.batch_size, train_loss=train_loss)
 
 
-def pack_size_for(device: torch.device, n: int) -> int:
-    """Models per packed computation: all n on a GPU, at most CPU_PACK_SIZE on a CPU."""
-    return n if device.type == "cuda" else min(n, CPU_PACK_SIZE)
+# glibc's malloc returns freed blocks above its thresholds to the system, so a CPU training step's activations
+# (a few MB each) came back as fresh pages every step: about 1,000 page faults per step, 10-20 % of its time on
+# this 2-core machine (`keep_freed_memory`).
+MALLOC_MMAP_THRESHOLD = 32 << 20  # blocks below this come from the heap, not from their own mapping
+MALLOC_TRIM_THRESHOLD = 64 << 20  # freed memory at the heap's top is kept up to this much
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for the next allocation instead of unmapping it (mallopt; once per process;
+    nothing elsewhere). Costs at most MALLOC_TRIM_THRESHOLD of resident memory kept free per arena."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its own allocator's behaviour stands
+        pass
+
+
+def pack_size_for(device: torch.device, n: int, threads: int = 1) -> int:
+    """Models per packed computation: all n on a GPU; on a CPU at most CPU_PACK_SIZE, and small enough that each of
+    `threads` threads gets a pack (`_map_packs`)."""
+    return n if device.type == "cuda" else max(1, min(CPU_PACK_SIZE, math.ceil(n / threads)))
+
+
+def _map_packs(train: Callable[[int], tuple], starts: Sequence[int], threads: int) -> list[tuple]:
+    """train(start) for every pack, in order. With several CPU threads, the packs run side by side in that many
+    Python threads, each pack on one torch thread (torch releases the GIL inside its operators): measured on this
+    2-core CPU, 1.15x the rate of one pack at a time on 2 torch threads, whose small operators split badly
+    (benchmarks/train_throughput.py). Every pack is computed on one thread, so a model's numbers depend on its pack
+    (pack_size_for), not on how the packs are scheduled."""
+    if threads <= 1 or len(starts) <= 1:
+        return [train(i) for i in starts]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide: every pack's operators on the thread that runs it
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dmu-pack") as pool:
+            return list(pool.map(train, starts))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def packed_forward(task: Task, model: nn.Module, x: torch.Tensor) -> PackedForward | None:

@@ -49,19 +49,17 @@ class ConvNet1D(nn.Module):
 
 
 def convnet_packed_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """G ConvNet1Ds at once, each convolution a batched matrix product over the models. x (G, b, L) -> (G, b, C).
+    """G ConvNet1Ds at once, each convolution batched matrix products over the models. x (G, b, L) -> (G, b, C).
 
     Activations stay channels-last, (G, b, positions, channels), so every layer's output is the next one's input
-    without a transpose. Measured on this 2-core CPU (1 thread, pack 8, with the fused Adam step): 1.7x faster per
-    model than grouped convolutions with one group per model, whose CPU kernels are slow with many groups
-    (README, "Performance").
+    without a transpose; each convolution applies its ReLU in place and undoes it in its own backward. Measured on
+    this 2-core CPU (1 thread, pack 8, with the fused Adam step): 1.7x faster per model than grouped convolutions
+    with one group per model, whose CPU kernels are slow with many groups (README, "Performance").
     """
     G = x.shape[0]
-    # conv1 (1 -> C, kernel 5, padding 2): the windows of the input (a copy of 5 x L entries per example)
-    cols = F.pad(x, (2, 2)).unfold(2, 5, 1)  # (G, b, L, 5)
-    h = _packed_linear(cols, p["conv1.weight"].flatten(2), p["conv1.bias"]).relu()
-    h = _conv_k3_s2(h, p["conv2.weight"], p["conv2.bias"]).relu()
-    h = _conv_k3_s2(h, p["conv3.weight"], p["conv3.bias"]).relu()
+    h = _conv1_relu(x, p["conv1.weight"], p["conv1.bias"])
+    h = _conv_k3_s2_relu(h, p["conv2.weight"], p["conv2.bias"])
+    h = _conv_k3_s2_relu(h, p["conv3.weight"], p["conv3.bias"])
     # ConvNet1D flattens (channels, positions); ours are (positions, channels): permute the weight, not the data
     w = p["linear.weight"]
     w = w.view(G, w.shape[1], h.shape[3], h.shape[2]).transpose(2, 3).flatten(2)
@@ -74,43 +72,84 @@ def _packed_linear(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torc
     return torch.baddbmm(bias[:, None, :], rows, w.transpose(1, 2)).view(*h.shape[:-1], w.shape[1])
 
 
-class _ConvK3S2(torch.autograd.Function):
-    """Packed convolution with kernel 3, stride 2, padding 1 on channels-last h (G, b, L, C), w (G, C_out, C, 3).
+def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient through a ReLU whose output was `out` (what autograd's ReLU does)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
 
-    Output o sees inputs 2o-1, 2o, 2o+1: viewed as pairs (G, b, L/2, 2C), h gives [h[2o], h[2o+1]] as they are,
-    and the odd half shifted by one gives h[2o-1] (zero at o = 0). Both are copied into one buffer of windows
-    (tap, channel), which meets the weight reordered the same way in one matrix product. The backward is written
-    out because autograd's (through unfold, or cat + pad) spends more time filling and adding than the products:
-    it is the windows' gradient, whose taps 1, 2 are h's gradient and tap 0 adds to the odd positions before.
+
+class _Conv1ReLU(torch.autograd.Function):
+    """ReLU of the packed first convolution (1 -> C, kernel 5, padding 2): x (G, b, L), w (G, C, 1, 5) -> (G, b, L,
+    C). The input's windows (a copy of 5 x L entries per example) meet the weight in one matrix product; no
+    gradient flows to the data."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise NotImplementedError("the packed MNIST-1D CNN gives no gradient to its input: use the module")
+        G, b, L = x.shape
+        # the windows and a column of ones, which meets the bias as a sixth tap: no separate pass adds it
+        cols = x.new_ones(G, b, L, 6)
+        cols[..., :5] = F.pad(x, (2, 2)).unfold(2, 5, 1)
+        cols = cols.view(G, b * L, 6)
+        out = torch.bmm(cols, torch.cat([w.view(G, -1, 5), bias[..., None]], 2).transpose(1, 2)).relu_()
+        ctx.save_for_backward(cols, out)
+        return out.view(G, b, L, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+        cols, out = ctx.saved_tensors
+        grad = _relu_backward(grad_out.reshape(out.shape), out)  # (G, rows, C)
+        grad_wb = torch.bmm(cols.transpose(1, 2), grad).transpose(1, 2)  # (G, C, 6): the faster of the two orders
+        return None, grad_wb[..., :5].unsqueeze(2), grad_wb[..., 5]
+
+
+class _ConvK3S2ReLU(torch.autograd.Function):
+    """ReLU of a packed convolution with kernel 3, stride 2, padding 1 on channels-last h (G, b, L, C), w (G, C_out,
+    C, 3) -> (G, b, L/2, C_out).
+
+    Output o sees inputs 2o-1, 2o, 2o+1. Viewed as pairs (G, b, L/2, 2C), h gives taps 1 and 2 of output o as they
+    are (one matrix product, no copy), and the odd half of pair o is tap 0 of output o + 1 (a second product, added
+    one position on). No window buffer is built: copying the overlapping windows cost more than the products they
+    fed (benchmarks/train_throughput.py). The backward is written out the same way.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         G, b, L, C = h.shape
-        pairs = h.view(G, b, L // 2, 2 * C)
-        cols = h.new_empty(G, b, L // 2, 3 * C)
-        cols[..., C:] = pairs
-        cols[:, :, 1:, :C] = pairs[:, :, :-1, C:]
-        cols[:, :, 0, :C] = 0
-        w = w.transpose(2, 3).flatten(2)  # (G, C_out, 3C), taps outer as in cols
-        ctx.save_for_backward(cols, w)
-        return _packed_linear(cols, w, bias)
+        pairs = h.view(G, -1, 2 * C)  # row (example, o): [h[2o], h[2o+1]]
+        w12 = w[..., 1:].transpose(2, 3).reshape(G, w.shape[1], 2 * C)  # taps 1, 2 as pairs hold them
+        w0 = w[..., 0]  # (G, C_out, C)
+        out = torch.baddbmm(bias[:, None, :], pairs, w12.transpose(1, 2)).view(G, b, L // 2, -1)
+        tap0 = torch.bmm(pairs[..., C:], w0.transpose(1, 2)).view(G, b, L // 2, -1)
+        out[:, :, 1:] += tap0[:, :, :-1]
+        out.relu_()
+        ctx.save_for_backward(h, out, w12, w0)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cols, w = ctx.saved_tensors
-        G, b, L2, C3 = cols.shape
-        C = C3 // 3
-        grad_rows = grad_out.reshape(G, -1, grad_out.shape[-1])
-        grad_w = torch.bmm(grad_rows.transpose(1, 2), cols.view(G, -1, C3))  # (G, C_out, 3C)
-        grad_cols = torch.bmm(grad_rows, w).view(G, b, L2, C3)
-        grad_h = grad_cols[..., C:].clone()  # taps 1, 2: h[2o], h[2o+1]
-        grad_h[:, :, :-1, C:] += grad_cols[:, :, 1:, :C]  # tap 0 of output o + 1: h[2o+1]
-        return (grad_h.view(G, b, 2 * L2, C), grad_w.view(G, -1, 3, C).transpose(2, 3),
-                grad_rows.sum(1))
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        h, out, w12, w0 = ctx.saved_tensors
+        G, b, L, C = h.shape
+        grad = _relu_backward(grad_out, out)  # (G, b, L/2, C_out)
+        rows = grad.view(G, -1, grad.shape[-1])
+        pairs = h.view(G, -1, 2 * C)
+        # the gradient of output o + 1 seen from pair o (whose odd half is its tap 0); zero past each example's end
+        nxt = grad.new_zeros(grad.shape)
+        nxt[:, :, :-1] = grad[:, :, 1:]
+        nxt = nxt.view(G, -1, grad.shape[-1])
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.bmm(rows, w12)  # (G, rows, 2C)
+            grad_h[..., C:] += torch.bmm(nxt, w0)
+            grad_h = grad_h.view(G, b, L, C)
+        grad_w = grad.new_empty(w0.shape + (3,))
+        grad_w[..., 0] = torch.bmm(nxt.transpose(1, 2), pairs[..., C:])
+        grad_w[..., 1:] = torch.bmm(rows.transpose(1, 2), pairs).view(G, -1, 2, C).transpose(2, 3)
+        return grad_h, grad_w, rows.sum(1)
 
 
-_conv_k3_s2 = _ConvK3S2.apply
+_conv1_relu = _Conv1ReLU.apply
+_conv_k3_s2_relu = _ConvK3S2ReLU.apply
 
 
 class MLP(nn.Module):

@@ -104,3 +104,22 @@ def test_tasks_do_not_import_the_engine():
             "assert 'pipelines.training' not in sys.modules, 'pipelines.tasks imports the engine'; "
             "from pipelines.training import Recipe; assert Recipe is pipelines.tasks.Recipe")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_packs_on_threads_equal_packs_one_after_another():
+    """With several torch threads, a block's packs train side by side in Python threads, each on one torch thread:
+    the same numbers, bit for bit, as the same packs one after another on one thread; the thread count is restored."""
+    task = get_task(TaskConfig(n_train=300, n_test=100, recipe=RecipeConfig(epochs=2, batch_size=50)))
+    data = task.load_data()
+    masks = np.random.default_rng(1).random((5, data.n_train)) < 0.5
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = train_models(task, data, masks, range(5), epoch_size=150, pack_size=2)
+        torch.set_num_threads(2)
+        threaded = train_models(task, data, masks, range(5), epoch_size=150, pack_size=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(threaded.logits, serial.logits)
+    np.testing.assert_array_equal(threaded.train_loss, serial.train_loss)
