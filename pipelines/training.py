@@ -37,11 +37,11 @@ __all__ = ["Recipe", "TrainResult", "default_device", "load_state_vector", "lr_a
            "train_models"]
 
 
-# Models per packed computation on a CPU. Measured on 2 cores, 1 thread (CPU seconds per model, under load), MNIST-1D
-# CNN, 1,000 examples, 10 epochs, batched-matrix-product forward: packed 2: 0.36, 4: 0.30, 8: 0.30, 16: 0.32,
-# 32: 0.31 (before the evaluation was cut into cache-sized batches); 8 also kept a pack's activations (about 20 MB)
-# the smallest of the flat part. On a GPU the whole block is one pack.
-CPU_PACK_SIZE = 8
+# Models per packed computation on a CPU. Measured on 2 cores (benchmarks/train_throughput.py, MNIST-1D CNN, 30
+# epochs, 32 models, quiet): 1 thread, 8 and 16 within noise (25-28 % of the matmul limit each); 2 threads (two packs
+# side by side, `_map_packs`), 16: 26-27 %, 8: 24-25 %. A pack of 16 holds a few tens of MB of activations. On a GPU the
+# whole block is one pack.
+CPU_PACK_SIZE = 16
 
 
 @dataclass
@@ -160,7 +160,7 @@ def train_models(task: Task, data: TaskData, masks: np.ndarray, seeds: Sequence[
     fwd = packed_forward(task, models[0], x_train[:1]) if packed else None
     if fwd is not None:
         threads = torch.get_num_threads() if device.type == "cpu" else 1
-        size = pack_size or pack_size_for(device, len(models), threads)
+        size = pack_size or pack_size_for(device, len(models))
         packs = _map_packs(lambda i: _train_packed(task, fwd, models[i:i + size], streams[i:i + size], x_train,
                                                    y_train, x_targets, eval_batch, loss_from),
                            range(0, len(models), size), threads)
@@ -199,18 +199,17 @@ def keep_freed_memory() -> None:
         pass
 
 
-def pack_size_for(device: torch.device, n: int, threads: int = 1) -> int:
-    """Models per packed computation: all n on a GPU; on a CPU at most CPU_PACK_SIZE, and small enough that each of
-    `threads` threads gets a pack (`_map_packs`)."""
-    return n if device.type == "cuda" else max(1, min(CPU_PACK_SIZE, math.ceil(n / threads)))
+def pack_size_for(device: torch.device, n: int) -> int:
+    """Models per packed computation: all n on a GPU, at most CPU_PACK_SIZE on a CPU. It depends on the block and
+    the device only: a model's numbers depend on its pack, never on the threads that run it (`_map_packs`)."""
+    return n if device.type == "cuda" else min(n, CPU_PACK_SIZE)
 
 
 def _map_packs(train: Callable[[int], tuple], starts: Sequence[int], threads: int) -> list[tuple]:
-    """train(start) for every pack, in order. With several CPU threads, the packs run side by side in that many
-    Python threads, each pack on one torch thread (torch releases the GIL inside its operators): measured on this
-    2-core CPU, 1.15x the rate of one pack at a time on 2 torch threads, whose small operators split badly
-    (benchmarks/train_throughput.py). Every pack is computed on one thread, so a model's numbers depend on its pack
-    (pack_size_for), not on how the packs are scheduled."""
+    """train(start) for every pack, in order. With several CPU threads and several packs, the packs run side by
+    side in that many Python threads, each pack on one torch thread (torch releases the GIL inside its operators):
+    measured on this 2-core CPU, 1.15x the rate of one pack at a time on 2 torch threads, whose small operators
+    split badly (benchmarks/train_throughput.py). A single pack uses the threads inside its operators, as before."""
     if threads <= 1 or len(starts) <= 1:
         return [train(i) for i in starts]
     previous = torch.get_num_threads()

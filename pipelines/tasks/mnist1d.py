@@ -107,45 +107,46 @@ class _ConvK3S2ReLU(torch.autograd.Function):
     """ReLU of a packed convolution with kernel 3, stride 2, padding 1 on channels-last h (G, b, L, C), w (G, C_out,
     C, 3) -> (G, b, L/2, C_out).
 
-    Output o sees inputs 2o-1, 2o, 2o+1. Viewed as pairs (G, b, L/2, 2C), h gives taps 1 and 2 of output o as they
-    are (one matrix product, no copy), and the odd half of pair o is tap 0 of output o + 1 (a second product, added
-    one position on). No window buffer is built: copying the overlapping windows cost more than the products they
-    fed (benchmarks/train_throughput.py). The backward is written out the same way.
+    Output o sees inputs 2o-1, 2o, 2o+1. Viewed as pairs, a matrix of rows (example, o) = [h[2o], h[2o+1]], h gives
+    taps 1 and 2 of output o as it is (one matrix product, no copy), and the odd half of row r is tap 0 of row r + 1:
+    a second product added in place one row on, over the flattened rows. Row r + 1 is the next example's first
+    output where r is an example's last: those rows are put back (forward), or their gradient is zeroed first
+    (backward), so that nothing crosses examples and every number is exact. No window buffer is built: copying the
+    overlapping windows cost more than the products they fed (benchmarks/train_throughput.py).
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         G, b, L, C = h.shape
-        pairs = h.view(G, -1, 2 * C)  # row (example, o): [h[2o], h[2o+1]]
+        L2 = L // 2
+        pairs = h.view(G, b * L2, 2 * C)
         w12 = w[..., 1:].transpose(2, 3).reshape(G, w.shape[1], 2 * C)  # taps 1, 2 as pairs hold them
         w0 = w[..., 0]  # (G, C_out, C)
-        out = torch.baddbmm(bias[:, None, :], pairs, w12.transpose(1, 2)).view(G, b, L // 2, -1)
-        tap0 = torch.bmm(pairs[..., C:], w0.transpose(1, 2)).view(G, b, L // 2, -1)
-        out[:, :, 1:] += tap0[:, :, :-1]
+        out = torch.baddbmm(bias[:, None, :], pairs, w12.transpose(1, 2))
+        first = out[:, ::L2].clone()  # every example's output 0: its tap 0 is the padding
+        out[:, 1:].baddbmm_(pairs[:, :-1, C:], w0.transpose(1, 2))
+        out[:, ::L2] = first
         out.relu_()
         ctx.save_for_backward(h, out, w12, w0)
-        return out
+        return out.view(G, b, L2, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         h, out, w12, w0 = ctx.saved_tensors
         G, b, L, C = h.shape
-        grad = _relu_backward(grad_out, out)  # (G, b, L/2, C_out)
-        rows = grad.view(G, -1, grad.shape[-1])
-        pairs = h.view(G, -1, 2 * C)
-        # the gradient of output o + 1 seen from pair o (whose odd half is its tap 0); zero past each example's end
-        nxt = grad.new_zeros(grad.shape)
-        nxt[:, :, :-1] = grad[:, :, 1:]
-        nxt = nxt.view(G, -1, grad.shape[-1])
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.bmm(rows, w12)  # (G, rows, 2C)
-            grad_h[..., C:] += torch.bmm(nxt, w0)
-            grad_h = grad_h.view(G, b, L, C)
+        L2 = L // 2
+        grad = _relu_backward(grad_out.reshape(out.shape), out)  # (G, rows, C_out), ours to change
+        pairs = h.view(G, b * L2, 2 * C)
+        grad_h = torch.bmm(grad, w12) if ctx.needs_input_grad[0] else None  # (G, rows, 2C)
         grad_w = grad.new_empty(w0.shape + (3,))
-        grad_w[..., 0] = torch.bmm(nxt.transpose(1, 2), pairs[..., C:])
-        grad_w[..., 1:] = torch.bmm(rows.transpose(1, 2), pairs).view(G, -1, 2, C).transpose(2, 3)
-        return grad_h, grad_w, rows.sum(1)
+        grad_w[..., 1:] = torch.bmm(grad.transpose(1, 2), pairs).view(G, -1, 2, C).transpose(2, 3)
+        grad_bias = grad.sum(1)
+        grad[:, ::L2] = 0  # outputs 0 take nothing from the odd halves (their tap 0 is the padding)
+        if grad_h is not None:
+            grad_h[:, :-1, C:].baddbmm_(grad[:, 1:], w0)
+            grad_h = grad_h.view(G, b, L, C)
+        grad_w[..., 0] = torch.bmm(grad[:, 1:].transpose(1, 2), pairs[:, :-1, C:])
+        return grad_h, grad_w, grad_bias
 
 
 _conv1_relu = _Conv1ReLU.apply
