@@ -9,10 +9,12 @@ are part of its creation (`open_or_create`'s `initialise`): a creation cut short
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,47 @@ def as_path(path: str | Path) -> UPath:
     upath = UPath(path)
     if upath.protocol in BUCKET_PROTOCOLS:
         upath = UPath(path, use_listings_cache=False)
+        _close_at_exit()
     return upath
+
+
+_CLOSE_REGISTERED = False
+SESSION_CLOSE_TIMEOUT = 10.0  # seconds to close one filesystem's HTTP session
+
+
+def _close_at_exit() -> None:
+    global _CLOSE_REGISTERED
+    if not _CLOSE_REGISTERED:
+        _CLOSE_REGISTERED = True
+        atexit.register(close_object_stores)
+
+
+def close_object_stores() -> None:
+    """Close the HTTP sessions of the S3 filesystems this process opened (s3fs's instance cache: as_path's and
+    zarr's), while their event loops still run. Left to s3fs's own finalizer, a close slower than its 0.1 s timeout
+    (a loaded machine) leaves the session open, and aiohttp prints "Unclosed client session" when it is collected,
+    at exit. Called at exit once an object-store path was used; tests call it before clearing s3fs's cache."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return
+    from fsspec.asyn import sync
+    from zarr.core.sync import sync as zarr_sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        creator, loop = getattr(fs, "_s3creator", None), getattr(fs, "loop", None)
+        try:
+            if creator is None:
+                continue
+            if fs.asynchronous:  # zarr's FsspecStore: the session lives on zarr's event loop (no loop of its own,
+                # so s3fs's finalizer can only drop the socket and leaves the session open)
+                zarr_sync(creator.__aexit__(None, None, None), timeout=SESSION_CLOSE_TIMEOUT)
+            elif loop is not None and loop.is_running():
+                sync(loop, creator.__aexit__, None, None, None, timeout=SESSION_CLOSE_TIMEOUT)
+            else:
+                continue
+        except Exception:  # noqa: BLE001 (a session that cannot close now is left to s3fs's finalizer)
+            continue
+        fs._s3 = None  # the next call on this filesystem opens a new session
 
 
 def is_local(path: str | Path) -> bool:

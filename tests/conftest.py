@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import torch
 
+from attribution.store import close_object_stores
 from pipelines.config import ExecutorConfig, RecipeConfig, RunConfig, SubsetsConfig, TaskConfig
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -88,9 +89,11 @@ def s3_server():
                 mp.delenv(key, raising=False)
             for key, value in env.items():
                 mp.setenv(key, value)
+            close_object_stores()
             s3fs.S3FileSystem.clear_instance_cache()
-            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
+            s3fs.S3FileSystem().mkdir(S3_BUCKET)  # cached (this environment's): closed with the others
             yield {"endpoint_url": endpoint, "bucket": S3_BUCKET, "env": env}
+            close_object_stores()  # before the cache forgets them (else aiohttp may complain at exit)
             s3fs.S3FileSystem.clear_instance_cache()
     finally:
         server.stop()
