@@ -186,7 +186,8 @@ _MALLOC_TUNED = False
 
 def keep_freed_memory() -> None:
     """Have glibc keep freed memory for the next allocation instead of unmapping it (mallopt; once per process;
-    nothing elsewhere). Costs at most MALLOC_TRIM_THRESHOLD of resident memory kept free per arena."""
+    the thresholds hold for every allocation of the process). Costs at most MALLOC_TRIM_THRESHOLD of resident
+    memory kept free per arena."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return
