@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from pipelines.config import ConfigError, TaskConfig
+# Packed forward: (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits (G, b, C); the unlearning
+# methods run packs through the same forwards (unlearning.base.StackedPack).
 from unlearning.base import PackedForward
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -88,10 +90,6 @@ class TaskData:
                 raise ConfigError(f"task.{name} must be in [1, {full}] for this dataset, got {n}")
         return TaskData(self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test], self.y_test[:n_test],
                         self.num_classes)
-
-
-# Packed forward: (stacked parameters {name: (G, ...)}, inputs (G, b, ...)) -> logits (G, b, C); the unlearning
-# methods run packs through the same forwards (unlearning.base.StackedPack).
 
 
 @dataclass(frozen=True)

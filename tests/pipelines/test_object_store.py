@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import socket
 
+import aiohttp
 import numpy as np
 import pytest
 import s3fs
 import zarr
 
-from attribution.store import close_object_stores, find_stores
+from attribution.store import as_path, close_object_stores, find_stores, open_group
 from pipelines import linear
 from pipelines.cli import main
 from pipelines.config import DatamodelsConfig, ForgetSetsConfig, ModelsConfig, UnlearnConfig
@@ -255,11 +257,6 @@ def test_object_store_sessions_are_closed_not_left_to_finalizers(s3_server, fres
     """s3fs's own finalizer gives a session 0.1 s to close, and a loaded machine then left it open: aiohttp printed
     "Unclosed client session" at exit. close_object_stores (run at exit once an object store was used) closes
     every session of the filesystems dmu opened, as_path's and zarr's alike."""
-    import gc
-
-    import aiohttp
-
-    from attribution.store import as_path, open_group
 
     def open_sessions() -> int:
         gc.collect()
