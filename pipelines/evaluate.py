@@ -26,7 +26,7 @@ from pipelines.reuse import store_path, stores_in
 from pipelines.stages.models import stored_oracle_rows
 from pipelines.stages.unlearn import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
-from unlearning.klom import klom, klom_summary, margins, oracle_floor, shift_and_spread
+from unlearning.klom import klom, klom_intervals, klom_summary, margins, oracle_floor, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
 
 # Display order of methods: the config's default order; methods it does not know follow, alphabetically.
@@ -35,6 +35,11 @@ METHOD_ORDER = UnlearnConfig().methods
 MIA_JOBS = -1
 # KLOM is summarised over these point sets; validation = the test targets (reference.md §4).
 POINT_SETS = ("forget", "retain", "validation")
+# half-sample replicates (over models, unlearning.klom.klom_intervals) of every KLOM interval, and their level
+N_SUBSAMPLES = 200
+INTERVAL_LEVEL = 0.95
+# the direction that is not the default (unlearning.klom.DIRECTIONS), reported beside it with its own floor
+OTHER_DIRECTION = "unlearned||oracle"
 
 
 def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
@@ -220,10 +225,11 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
     oracle_margins = margins(oracle_logits, labels)
     retrain = _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed)
     per_point, floor, floor_margins = {}, None, None
-    found = _oracle_floor(models, fs, info["oracle_rows"], labels, oracle_margins, seed, skipped)
+    found = _oracle_floor(models, fs, info["oracle_rows"], labels, oracle_margins, sets, seed, skipped)
     if found is not None:
-        floor_values, kind, per_side, floor_margins = found
-        floor = {"klom": klom_summary(floor_values, sets), "kind": kind, "n_models_per_side": per_side}
+        floor_values, kind, per_side, floor_margins, reverse_values, intervals = found
+        floor = {"klom": klom_summary(floor_values, sets), "klom_reverse": klom_summary(reverse_values, sets),
+                 "klom_interval": intervals, "kind": kind, "n_models_per_side": per_side}
         per_point["oracle floor"] = floor_values[forget]
         floor_margins = floor_margins[:, forget] if floor_margins is not None else None
     om_oracles = info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
@@ -257,14 +263,18 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         method_margins = margins(logits, labels)
         values = klom(method_margins, oracle_margins)
         per_point[label] = values[forget]
+        intervals = klom_intervals(method_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL,
+                                   seed=seed)
         acc = _accuracies(logits, labels, sets)
         methods[label] = {
             "method": method, "datamodel": store.attrs.get("datamodel"), "budget": store.attrs.get("budget", 1.0),
             "hparams": store.attrs.get("hparams"),
             "klom": klom_summary(values, sets),
-            # the Easy Data Unlearning Bench's convention and direction (unlearning.klom), to set beside its
-            # published numbers
-            "klom_edub": klom_summary(klom(method_margins, oracle_margins, convention="edub", reverse=True), sets),
+            "klom_interval": intervals,
+            # the other direction, KL(unlearned || oracle), which rewards under-dispersed models (unlearning.klom)
+            "klom_reverse": klom_summary(klom(method_margins, oracle_margins, direction=OTHER_DIRECTION), sets),
+            # the Easy Data Unlearning Bench's convention (unlearning.klom), to set beside its published numbers
+            "klom_edub": klom_summary(klom(method_margins, oracle_margins, convention="edub"), sets),
             "margins": _shift_and_spread(method_margins, oracle_margins, sets),
             "accuracy": acc,
             "avg_gap": _avg_gap(acc, retrain["accuracy"]),
@@ -363,20 +373,28 @@ def _shift_and_spread(method_margins, oracle_margins, sets) -> dict:
     return out
 
 
-def _oracle_floor(models, fs, rows, labels, oracle_margins, seed, skipped):
-    """(per-point KLOM, kind, models per side, the floor oracles' margins or None) of the oracle floor of one forget set, or None (K < 2, no floor
-    oracles). kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K
+def _oracle_floor(models, fs, rows, labels, oracle_margins, sets, seed, skipped):
+    """(per-point KLOM, kind, models per side, the floor oracles' margins or None, per-point KLOM in the other
+    direction, bootstrap intervals) of the oracle floor of one forget set, or None (K < 2, no floor oracles). kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K
     vs K; "half_split" (floor oracles off or unfinished): two disjoint halves of the reference, K/2 vs K/2."""
     k = oracle_margins.shape[0]
     if rows["floor"].stop > rows["floor"].start:
         if np.asarray(models[f"oracle/{fs}/done"][rows["floor"]]).all():
             floor_margins = margins(read(models[f"oracle/{fs}/logits"], rows["floor"]), labels)
-            return klom(floor_margins, oracle_margins), "floor_oracles", k, floor_margins
+            return (klom(floor_margins, oracle_margins), "floor_oracles", k, floor_margins,
+                    klom(floor_margins, oracle_margins, direction=OTHER_DIRECTION),
+                    klom_intervals(floor_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL,
+                                   seed=seed))
         skipped.append(f"forget set {fs}: its floor oracles are not all trained (run the models stage); its "
                        f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")
     if k < 2:
         return None
-    return oracle_floor(oracle_margins, seed), "half_split", k // 2, None
+    order = np.random.default_rng(seed).permutation(k)  # oracle_floor's split
+    halves = oracle_margins[order[: k // 2]], oracle_margins[order[k // 2 : 2 * (k // 2)]]
+    return (oracle_floor(oracle_margins, seed), "half_split", k // 2, None,
+            klom(*halves, direction=OTHER_DIRECTION),
+            klom_intervals(*halves, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL, seed=seed))
+
 
 
 def _floor_label(floor: dict) -> str:

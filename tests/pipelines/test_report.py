@@ -15,11 +15,11 @@ import zarr
 from scipy.stats import entropy
 
 from attribution.store import ArraySpec, StoreError, open_or_create
-from pipelines.evaluate import POINT_SETS, grid_edges
+from pipelines.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, grid_edges
 from pipelines.linear import linear_experiment
 from pipelines.report import build_report
 from pipelines.stages.models import stored_oracle_rows
-from unlearning.klom import N_BINS, klom, klom_summary, margins, oracle_floor
+from unlearning.klom import N_BINS, klom, klom_intervals, klom_summary, margins, oracle_floor
 from unlearning.metrics import lira_mia, per_example_loss, population_mia
 
 K, OM, N, T, C, EPOCHS = 6, 2, 30, 40, 3, 5
@@ -153,9 +153,17 @@ def test_klom_matches_an_independent_computation(run):
                     assert got[s][stat] == pytest.approx(expected[s][stat], rel=1e-12, abs=1e-12)
             # per-point reference from np.histogram, summarised with np.percentile
             forget = point_sets(fs)["forget"]
-            slow = np.array([slow_klom_point(u[:, j], oracle_m[:, j]) for j in forget])
+            slow = np.array([slow_klom_point(oracle_m[:, j], u[:, j]) for j in forget])  # p = the oracles
             assert got["forget"]["p95"] == pytest.approx(np.percentile(slow, 95), rel=1e-9, abs=1e-12)
             assert got["forget"]["mean"] == pytest.approx(slow.mean(), rel=1e-9, abs=1e-12)
+            # the headline's bootstrap interval, recomputed with the evaluation's seed and replicates
+            ci = metrics["forget_sets"][fs]["methods"][method]["klom_interval"]
+            again = klom_intervals(u, oracle_m, point_sets(fs), n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL, seed=SEED)
+            for name, entry in again.items():
+                for stat, interval in entry.items():
+                    assert ci[name][stat] == pytest.approx(interval, rel=1e-12)
+            avg = np.mean([got[s]["p99"] for s in POINT_SETS])
+            assert ci["p99_avg"]["p99"][0] <= avg * 1.5 and ci["p99_avg"]["p99"][1] >= avg / 1.5
 
 
 def assert_same_klom(got: dict, expected: dict):
@@ -179,11 +187,15 @@ def test_oracle_floor_scores_the_floor_oracles_against_the_reference(run):
         if FLOOR_DONE[fs]:
             expected = klom(margins(logits[K + OM:], labels), reference)
             assert got["kind"] == "floor_oracles" and got["n_models_per_side"] == K
+            # the floor in the other direction: the floor oracles' histogram first
+            reverse = klom(reference, margins(logits[K + OM:], labels))
+            assert_same_klom(got["klom_reverse"], klom_summary(reverse, point_sets(fs)))
             np.testing.assert_array_equal(logits[K + OM:], truth["floor_oracles"][fs])
         else:
             expected = oracle_floor(reference, SEED)
             assert got["kind"] == "half_split" and got["n_models_per_side"] == K // 2
         assert_same_klom(got["klom"], klom_summary(expected, point_sets(fs)))
+        assert set(got["klom_interval"]) == {*POINT_SETS, "p99_avg"}
     assert any(s.startswith("forget set random_8: its floor oracles are not all trained") and "(3 vs 3)" in s
                for s in metrics["skipped"])
     assert not any(s.startswith("forget set random_5: its floor") for s in metrics["skipped"])
@@ -314,10 +326,18 @@ def test_metrics_json_and_markdown(run):
         assert f"\n{floor.capitalize()}" in md
     assert on_disk["forget_sets"]["random_5"]["oracle_floor"]["kind"] == "floor_oracles"
     do_nothing = next(line for line in rows if line.startswith("| do_nothing |"))
-    p95s = [metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]["klom"][s]["p95"] for s in POINT_SETS]
-    assert do_nothing.split(" | ")[1] == " / ".join(f"{v:.3g}" for v in p95s)
-    spread = metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]["margins"]["retain"]["spread"]
-    assert do_nothing.split(" | ")[7] == f"{spread:.3g}"
+    entry = metrics["forget_sets"]["random_5"]["methods"]["do_nothing"]
+    p99s = [entry["klom"][s]["p99"] for s in POINT_SETS]
+    p95s = [entry["klom"][s]["p95"] for s in POINT_SETS]
+    lo, hi = entry["klom_interval"]["p99_avg"]["p99"]
+    cells = do_nothing.split(" | ")
+    assert cells[1] == f"{np.mean(p99s):.3g} [{lo:.3g}, {hi:.3g}]"  # the headline: the paper's p99 average
+    floor_lo, floor_hi = metrics["forget_sets"]["random_5"]["oracle_floor"]["klom_interval"]["p99_avg"]["p99"]
+    assert cells[2] == ("above" if lo > floor_hi else "below" if hi < floor_lo else "≈")
+    assert cells[3] == " / ".join(f"{v:.3g}" for v in p99s)
+    assert cells[4] == " / ".join(f"{v:.3g}" for v in p95s)
+    assert cells[5] == f"{np.mean([entry['klom_reverse'][s]['p99'] for s in POINT_SETS]):.3g}"
+    assert cells[9] == f"{entry['margins']['retain']['spread']:.3g}"
     for png in PNGS:
         assert f"]({png})" in md
 
@@ -383,9 +403,11 @@ def test_diagnostics_lira_and_the_bench_convention(run):
         u = margins(truth["unlearned"]["random_5"][name]["logits"], labels)
         expected = lira_mia(u[:, forget], floor[:, forget], full[:, forget], oracle[:, forget])
         assert methods[name]["lira"] == pytest.approx(expected, rel=1e-12)
-        edub = klom_summary(klom(u, oracle, convention="edub", reverse=True), point_sets("random_5"))
+        edub = klom_summary(klom(u, oracle, convention="edub"), point_sets("random_5"))
+        reverse = klom_summary(klom(oracle, u), point_sets("random_5"))  # KL(unlearned || oracle), written out
         for s in POINT_SETS:
             assert methods[name]["klom_edub"][s] == pytest.approx(edub[s], rel=1e-12)
+            assert methods[name]["klom_reverse"][s] == pytest.approx(reverse[s], rel=1e-12)
     assert methods["do_nothing"]["lira"]["auc"] > 0.8  # the full models: members, and the test sees it
     # random_8 has no floor oracles: no held-out negatives, no LiRA
     assert metrics["forget_sets"]["random_8"]["methods"]["do_nothing"]["lira"] is None
