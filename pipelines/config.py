@@ -116,8 +116,12 @@ class ForgetSetsConfig:
 class ModelsConfig:
     # K: full models, and oracles (retrained without the forget set) per forget set, for KLOM (reference.md §4)
     k: int = 8
-    # extra oracles per forget set whose mean logits are Oracle Matching's target (kept apart from the K
-    # oracles that KLOM compares against, so OM is not scored against its own targets)
+    # Oracle Matching's target (docs/methods.md §3): "own", each full model matches the logits of an oracle of its
+    # own (K more oracles per forget set, distinct seeds: the paper's reading); "mean", every model matches the
+    # mean logits of om_oracles oracles (collapses the models' spread). Either way they are kept apart from the
+    # K oracles that KLOM compares against, so OM is never scored against its own targets.
+    om_target: str = "own"
+    # with om_target "mean": how many oracles per forget set are averaged
     om_oracles: int = 2
     # K more oracles per forget set for the report's oracle floor: KLOM of these fresh oracles against the K that
     # methods are scored against, K vs K like a method (off: the floor splits the K oracles, K/2 vs K/2, which
@@ -326,6 +330,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"datamodels.target_chunk must be positive, got {cfg.datamodels.target_chunk}")
     if cfg.executor.kind not in ("ray", "serial"):
         raise ConfigError(f"executor.kind must be 'ray' or 'serial', got {cfg.executor.kind!r}")
+    if cfg.models.om_target not in ("own", "mean"):
+        raise ConfigError(f"models.om_target must be 'own' (each model matches its own oracle) or 'mean', got "
+                          f"{cfg.models.om_target!r}")
     u, t = cfg.unlearn, cfg.tune
     for dm in u.datamodels:
         if dm not in ("lasso", "trak"):

@@ -23,7 +23,7 @@ from joblib import Parallel, delayed
 from attribution.store import StoreError, as_path, open_store, read
 from pipelines.config import UnlearnConfig
 from pipelines.reuse import store_path, stores_in
-from pipelines.stages.models import stored_oracle_rows
+from pipelines.stages.models import om_rows, stored_oracle_rows
 from pipelines.stages.unlearn import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import klom, klom_intervals, klom_summary, margins, oracle_floor, shift_and_spread
@@ -232,7 +232,8 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
                  "klom_interval": intervals, "kind": kind, "n_models_per_side": per_side}
         per_point["oracle floor"] = floor_values[forget]
         floor_margins = floor_margins[:, forget] if floor_margins is not None else None
-    om_oracles = info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
+    # the oracles one deletion request costs Oracle Matching per model: its own, or all of those it averages
+    om_oracles = 1 if om_rows(models)[1] == "own" else info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
 
     methods = {}
     for name, path in _method_stores(run_dir, f"unlearned/{fs}").items():
@@ -319,7 +320,8 @@ def _cost(store, method: str, om_oracles: int, retrain: dict, n: int) -> dict:
     """One deletion request's cost, everything counted: the method's passes and seconds as stored (the datamodel
     methods' include the original model's forward passes on the targets), plus, for Oracle Matching, training its
     om_oracles oracles (each costs a retraining: epochs x |retain| passes and the retraining seconds) and their
-    forward passes on the N training points it matches. Fractions of retraining; the datamodels' one-off cost is
+    forward passes on the N training points it matches (one oracle per model with models.om_target "own").
+    Fractions of retraining (method_passes_fraction: the fine-tuning alone, the paper's thought experiment); the datamodels' one-off cost is
     apart (metrics["datamodels_cost"])."""
     seconds = float(np.mean(store["seconds"][:]))
     passes = float(np.mean(store["example_passes"][:]))
@@ -333,6 +335,7 @@ def _cost(store, method: str, om_oracles: int, retrain: dict, n: int) -> dict:
             "seconds_fraction": total_seconds / r_seconds if r_seconds > 0 else None,
             "seconds": total_seconds, "example_passes": total_passes,
             "method_seconds": seconds, "method_passes": passes, "oracle_passes": extra_passes,
+            "method_passes_fraction": float(cost_fraction(passes, retrain["cost"]["example_passes"])),
             "oracle_seconds": extra_seconds}
 
 

@@ -138,6 +138,10 @@ def _diagnostics(fs_metrics: dict) -> list[str]:
             counts = ", ".join(f"{why} {n}" for why, n in d["stopped_by"].items() if n)
             lines.append(f"- {name}: stopped by {counts}; steps {d['steps']['min']:g}-{d['steps']['max']:g} "
                          f"(mean {d['steps']['mean']:.3g})")
+        cost = m.get("cost") or {}
+        if m.get("method") == "oracle_matching" and cost.get("method_passes_fraction") is not None:
+            lines.append(f"- {name}: cost {_fmt(cost['method_passes_fraction'], 100)} % of retraining's passes for "
+                         f"the fine-tuning alone, {_fmt(cost['passes_fraction'], 100)} % with the oracles it needs")
         if "final_matching_loss" in d:
             lines.append(f"- {name}: final matching loss (MSE to its target logits, mean over models) "
                          f"{_fmt(d['final_matching_loss'])}")

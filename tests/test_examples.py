@@ -32,7 +32,7 @@ TINY = {
     # 20 fit models for 200 points: a short λ path (the dense end converges slowly and is never chosen here)
     "datamodels": {"n_val": 4, "n_lds": 8, "n_lambdas": 6, "lambda_ratio": 0.3, "target_chunk": 128},
     "forget_sets": {"random_sizes": [10], "full_class": 0, "pc_top_k": 0},
-    "models": {"k": 2, "om_oracles": 1, "block_size": 2},
+    "models": {"k": 2, "om_target": "mean", "om_oracles": 1, "block_size": 2},
     "unlearn": {"methods": TINY_METHODS},
     "executor": {"kind": "serial"},
 }

@@ -92,10 +92,10 @@ def match_logits(req: PackRequest, oracle_logits: torch.Tensor) -> tuple[float, 
     return passes, infos
 
 
-@unlearning_method(OracleMatchingHyperparameters, packs=True)
+@unlearning_method(OracleMatchingHyperparameters, packs=True, per_model=("oracle_logits",))
 def oracle_matching(req: PackRequest, *, oracle_logits: Any) -> tuple[float, list[dict]]:
-    """OM: a copy of `model` fine-tuned so its logits on the fine-tuning set match `oracle_logits` (N, C), the
-    oracle's logits on the N training points (the same oracle for every model of a pack). Keyword overrides
-    replace hyperparameters (e.g. `epochs=3`)."""
-    oracle = as_float_tensor("oracle_logits", oracle_logits, (len(req.data), None), req.device)
-    return match_logits(req, oracle.expand(req.size, *oracle.shape))
+    """OM: a copy of `model` fine-tuned so its logits on the fine-tuning set match `oracle_logits` (N, C), an
+    oracle's logits on the N training points (packed: one array per model, model g towards its own oracle's,
+    docs/methods.md §3). Keyword overrides replace hyperparameters (e.g. `epochs=3`)."""
+    oracles = [as_float_tensor("oracle_logits", o, (len(req.data), None), req.device) for o in oracle_logits]
+    return match_logits(req, torch.stack(oracles))

@@ -1,10 +1,11 @@
-"""Stage `models`: K full models (all training data) and, per forget set, K + om_oracles (+ K floor) oracles
+"""Stage `models`: K full models (all training data) and, per forget set, K + n_om (+ K floor) oracles
 (retrained without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
 
 Layout: `full/{params,logits,seconds,train_loss,test_accuracy,failed,done}` and `oracle/<forget_set>/{...}`,
 one row per model (`oracle_rows`):
-rows [0, K) are KLOM's reference; [K, K + om_oracles) Oracle Matching's target (kept apart so OM is not scored
-against the very models it matched); with models.floor_oracles, [K + om_oracles, 2K + om_oracles) the floor
+rows [0, K) are KLOM's reference; [K, K + n_om) Oracle Matching's targets (kept apart so OM is not scored
+against the very models it matched): n_om = K with models.om_target "own" (row K + i is full model i's own
+oracle), om_oracles with "mean" (`om_count`); with models.floor_oracles, the next K rows are the floor
 oracles, which the report scores against the reference as if they were unlearned models (the oracle floor, K vs K).
 Row i of an ensemble trains with seed i of its stream, and work units never straddle the start of the floor rows,
 so the earlier rows train in the same packs, bit for bit, with or without the floor oracles. Store attrs `k`,
@@ -38,6 +39,11 @@ def oracle_stream(forget_set: str) -> int:
     return 1000 + zlib.crc32(forget_set.encode())
 
 
+def om_count(models_cfg, k: int) -> int:
+    """Oracle Matching's oracles per forget set for k full models: one each ("own"), or om_oracles ("mean")."""
+    return k if models_cfg.om_target == "own" else models_cfg.om_oracles
+
+
 def oracle_rows(k: int, om_oracles: int, floor_oracles: bool) -> dict[str, slice]:
     """Rows of `oracle/<forget_set>`: "reference" (KLOM's, K), "om" (Oracle Matching's targets, om_oracles) and
     "floor" (the oracle floor's, K when floor_oracles, else empty), in that order."""
@@ -50,16 +56,16 @@ def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray],
     """name -> (forget indices or None, row segments [(start, stop), ...], seed stream). Each segment is cut
     into work units on its own; the last stop is the number of models."""
     m = cfg.models
-    rows = oracle_rows(m.k, m.om_oracles, m.floor_oracles)
+    rows = oracle_rows(m.k, om_count(m, m.k), m.floor_oracles)
     # the reference and OM rows cut into units as they were before the floor oracles, the floor rows on their own
     floor = (rows["floor"].start, rows["floor"].stop)
     oracle_segments = [(0, rows["om"].stop)] + ([floor] if m.floor_oracles else [])
     out = {"full": (None, [(0, m.k)], FULL_STREAM)}
     for name, idx in forget_sets.items():
         out[f"oracle/{name}"] = (idx, oracle_segments, oracle_stream(name))
-    # the tune stage's sets (forget_sets.tuning_sets): tune.k reference oracles, then om_oracles OM targets
+    # the tune stage's sets (forget_sets.tuning_sets): tune.k reference oracles, then their OM targets
     for name, idx in tuning_sets.items():
-        out[f"tuning/{name}"] = (idx, [(0, cfg.tune.k + m.om_oracles)], oracle_stream(name))
+        out[f"tuning/{name}"] = (idx, [(0, cfg.tune.k + om_count(m, cfg.tune.k))], oracle_stream(name))
     return out
 
 
@@ -120,7 +126,8 @@ def run(ctx: RunContext) -> None:
         arrays[f"{name}/test_accuracy"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/failed"] = ArraySpec((n,), "bool", (block,), False)
     group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=config,
-                           attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": cfg.models.om_oracles,
+                           attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": om_count(cfg.models, cfg.models.k),
+                                  "om_target": cfg.models.om_target,
                                   "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs,
                                   "tune_k": cfg.tune.k if tune_sets else 0})
     units = []
@@ -165,14 +172,36 @@ def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
     return oracle_rows(int(attrs["k"]), int(attrs.get("om_oracles", 0)), bool(attrs.get("floor_oracles", False)))
 
 
-def om_target(models: zarr.Group, forget_set: str, ensemble: str = "oracle") -> np.ndarray | None:
-    """Oracle Matching's target for a forget set: the mean logits (T, C) of its OM oracles; None when the store
-    has none for it or they are not all trained. ensemble "tuning": a tuning set's (rows after its tune_k
-    reference oracles)."""
+def om_rows(models: zarr.Group, ensemble: str = "oracle") -> tuple[slice, str]:
+    """(rows of Oracle Matching's oracles in `ensemble` ("oracle", or "tuning": after its tune_k reference
+    oracles), the store's om_target: "own" or "mean"; a store from before "own" existed is "mean")."""
+    mode = str(models.attrs.get("om_target", "mean"))
     rows = stored_oracle_rows(models)["om"]
     if ensemble == "tuning":
         k = int(models.attrs["tune_k"])
-        rows = slice(k, k + rows.stop - rows.start)
-    if rows.stop == rows.start or not np.asarray(models[f"{ensemble}/{forget_set}/done"][rows]).all():
+        rows = slice(k, k + (k if mode == "own" else rows.stop - rows.start))
+    return rows, mode
+
+
+def om_ready(models: zarr.Group, forget_set: str, ensemble: str, n_models: int) -> bool:
+    """Whether Oracle Matching's oracles for the first n_models full models are trained."""
+    rows, mode = om_rows(models, ensemble)
+    need = slice(rows.start, rows.start + n_models) if mode == "own" else rows
+    return need.stop > need.start and need.stop <= rows.stop and bool(
+        np.asarray(models[f"{ensemble}/{forget_set}/done"][need]).all())
+
+
+def om_targets(models: zarr.Group, forget_set: str, model_rows: slice, n_train: int, ensemble: str = "oracle",
+               store=None) -> np.ndarray | None:
+    """Oracle Matching's targets on the training points for full models model_rows: (n, n_train, C), row i for
+    full model model_rows.start + i: its own oracle's logits ("own") or the mean logits of the OM oracles, the
+    same for every model ("mean"). None when those oracles are not all trained. Reads only those rows."""
+    n = model_rows.stop - model_rows.start
+    if not om_ready(models, forget_set, ensemble, model_rows.stop):
         return None
-    return read(models[f"{ensemble}/{forget_set}/logits"], rows).mean(0)
+    rows, mode = om_rows(models, ensemble)
+    logits = models[f"{ensemble}/{forget_set}/logits"]
+    if mode == "own":
+        return read(logits, slice(rows.start + model_rows.start, rows.start + model_rows.stop), store=store)[:, :n_train]
+    mean = read(logits, rows, store=store)[:, :n_train].mean(0)
+    return np.broadcast_to(mean, (n, *mean.shape))

@@ -32,7 +32,7 @@ from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.reuse import open_reused, store_path
 from pipelines.stages import RunContext, drive
 from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages.models import om_target, open_models
+from pipelines.stages.models import om_ready, om_targets, open_models
 from pipelines.tasks import Task, TaskData, get_task
 from pipelines.training import (
     default_device,
@@ -162,10 +162,11 @@ def unlearn_pack(task: Task, data: TaskData, params: np.ndarray, method: str, fo
     return [(logits[g], original + r.cost, r.info) for g, r in enumerate(results)]
 
 
-def method_inputs(method: str, *, oracle_mean: np.ndarray | None, weight_rows: np.ndarray | None,
-                  n_train: int) -> dict:
+def method_inputs(method: str, *, oracle_targets: np.ndarray | None, weight_rows: np.ndarray | None) -> dict:
+    """The method's inputs: OM's per-model targets (G, N, C) as a list of G arrays, the datamodel methods'
+    forget rows."""
     if method == "oracle_matching":
-        return {"oracle_logits": oracle_mean[:n_train]}
+        return {"oracle_logits": list(oracle_targets)}
     if method in DATAMODEL_METHODS:
         return {"datamodel_weights": weight_rows}
     return {}
@@ -275,10 +276,11 @@ def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: V
 
 
 def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                  plans: dict, models: str, oracle_means: dict, datamodels: dict) -> dict[str, np.ndarray]:
+                  plans: dict, models: str, om_ensemble: str, datamodels: dict) -> dict[str, np.ndarray]:
     """Work unit: one variant on full models start..stop-1 for one forget set (plans[key] = (forget set,
     indices, Variant)). It reads its own full models' rows from models.zarr and, for the datamodel methods,
-    its forget set's rows of its datamodel store, so no process holds every model or every forget set's rows
+    its forget set's rows of its datamodel store (Oracle Matching: its models' targets from models.zarr's
+    `om_ensemble`, `om_targets`), so no process holds every model or every forget set's rows
     (both stores at their locations, see `location`). Returns per model: logits, seconds, example passes,
     and diagnostics (MU-Mis's steps and why it stopped; OM's and DMM's final matching loss)."""
     key, start, stop = unit
@@ -287,8 +289,9 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
     full_params = read(open_group(models)["full/params"], slice(start, stop), store=models)
     weight_rows = (read_datamodel_rows(datamodels[variant.datamodel], forget_idx)
                    if variant.method in DATAMODEL_METHODS else None)
-    inputs = method_inputs(variant.method, oracle_mean=oracle_means.get(fs), weight_rows=weight_rows,
-                           n_train=data.n_train)
+    targets = (om_targets(open_group(models), fs, slice(start, stop), data.n_train, om_ensemble, store=models)
+               if variant.method == "oracle_matching" else None)
+    inputs = method_inputs(variant.method, oracle_targets=targets, weight_rows=weight_rows)
     seeds = [method_seed(seed, k, fs, variant.method) for k in range(start, stop)]
     forward = None
     if METHODS[variant.method].packed is not None:
@@ -371,18 +374,14 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
             units += [(key, s, min(s + block, k)) for s in range(0, k, block) if not done[s:s + block].all()]
     if not units:
         return stores
-    oracle_means = {}
     if any(v.method == "oracle_matching" for v in chosen):
-        if cfg.models.om_oracles < 1:
-            raise ConfigError("oracle_matching needs models.om_oracles >= 1 (the oracles whose mean it matches)")
         for fs in sets:
-            oracle_means[fs] = om_target(models, fs, ensemble)
-            if oracle_means[fs] is None:
+            if not om_ready(models, fs, ensemble, k):
                 raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
                                  "models stage first")
     dms = {v.datamodel for v in chosen if v.datamodel is not None}
     shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans,
-              "models": location(store_path(ctx.run_dir, "models.zarr")), "oracle_means": oracle_means,
+              "models": location(store_path(ctx.run_dir, "models.zarr")), "om_ensemble": ensemble,
               "datamodels": {dm: datamodel_store(ctx.run_dir, dm, data) for dm in sorted(dms)}}
     by_key = {f"{fs}/{v.store_name}": stores[(fs, v.label)] for fs in sets for v in chosen}
 
@@ -497,12 +496,11 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
         if not match:
             raise ConfigError("oracle_matching needs oracles retrained without this forget set, and the run has "
                               "none: use dm_matching, which needs only the datamodels")
-        target = om_target(models, match[0])
+        target = om_targets(models, match[0], slice(model_index, model_index + 1), data.n_train)
         if target is None:
             raise ConfigError(f"oracle_matching needs Oracle Matching's oracles for {match[0]!r} "
-                              "(models.om_oracles >= 1, trained by the models stage): finish the models "
-                              "stage, or use dm_matching")
-        inputs = {"oracle_logits": target[:data.n_train]}
+                              "(trained by the models stage): finish the models stage, or use dm_matching")
+        inputs = {"oracle_logits": target[0]}
     hp = {**load_tuned(run_dir, cfg).get(method, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
     params = read(models["full/params"], model_index, store=store_path(run_dir, "models.zarr"))
     unlearned, logits, cost, _ = unlearn_model(task, data, params, method, idx,

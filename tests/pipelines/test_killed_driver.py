@@ -55,7 +55,7 @@ def tiny_config(run_dir: Path, kind: str):
         task=dataclasses.replace(cfg.task, n_train=100, n_test=28),
         datamodels=DatamodelsConfig(n_val=8, n_lds=8, n_lambdas=4, lambda_ratio=0.3, target_chunk=TARGET_CHUNK),
         forget_sets=ForgetSetsConfig(random_sizes=(10, 20), full_class=0),
-        models=ModelsConfig(k=4, om_oracles=1, block_size=1),
+        models=ModelsConfig(k=4, om_target="mean", om_oracles=1, block_size=1),
         unlearn=UnlearnConfig(methods=METHODS, hparams={"gradient_descent": {"epochs": 40}}),
         executor=ExecutorConfig(kind=kind, num_cpus=2, cpus_per_unit=1))
 

@@ -21,7 +21,7 @@ def tiny_config(tmp_path, kind: str):
         cfg,
         datamodels=DatamodelsConfig(n_val=4, n_lds=4, n_lambdas=4, lambda_ratio=0.5, target_chunk=128),
         forget_sets=ForgetSetsConfig(random_sizes=(10,), full_class=None),
-        models=ModelsConfig(k=2, om_oracles=0, floor_oracles=False, block_size=1),
+        models=ModelsConfig(k=2, om_target="mean", om_oracles=0, floor_oracles=False, block_size=1),
         unlearn=UnlearnConfig(methods=("dm_direct", "dm_matching", "gradient_descent"),
                               hparams={"dm_matching": {"epochs": 1}, "gradient_descent": {"epochs": 1}}),
         executor=ExecutorConfig(kind=kind, cpus_per_unit=1))

@@ -44,7 +44,7 @@ def run_config(run_dir: str, tmp_path, *, kind: str = "serial"):
         cfg, run_dir=run_dir,
         datamodels=DatamodelsConfig(n_val=2, n_lds=2, target_chunk=128, n_lambdas=2, lambda_ratio=0.5),
         forget_sets=ForgetSetsConfig(random_sizes=(), full_class=None, pc_top_k=5),
-        models=ModelsConfig(k=2, om_oracles=0, floor_oracles=False, block_size=2),
+        models=ModelsConfig(k=2, om_target="mean", om_oracles=0, floor_oracles=False, block_size=2),
         unlearn=UnlearnConfig(methods=METHODS),
         executor=dataclasses.replace(cfg.executor, num_cpus=2))
 

@@ -64,7 +64,7 @@ BASE = {
     "subsets": {"n_models": 12, "alpha": 0.5, "block_size": 4, "keep_params": 0, "logits_dtype": "float32"},
     "datamodels": {"methods": ["lasso"], "n_lds": 4, "n_val": 4, "target_chunk": 128, "lds_curve": [4]},
     "forget_sets": {"random_sizes": [10], "full_class": 0, "pc_top_k": 0, "pc_ends": 0},
-    "models": {"k": 2, "om_oracles": 1, "floor_oracles": True, "block_size": 2},
+    "models": {"k": 2, "om_target": "mean", "om_oracles": 1, "floor_oracles": True, "block_size": 2},
     "unlearn": {"methods": ["do_nothing", "dm_direct"], "datamodels": ["lasso"],
                 "hparams": {"mu_mis": {"max_steps": 20}, "gradient_ascent": {"lr": 1.0e-2}}},
     "executor": {"kind": "serial", "cpus_per_unit": 1},

@@ -51,7 +51,7 @@ def base_config(run_dir, *, methods=METHODS, **changes):
         cfg, run_dir=str(run_dir),
         datamodels=DatamodelsConfig(n_val=2, n_lds=2, target_chunk=128, n_lambdas=2, lambda_ratio=0.5),
         forget_sets=ForgetSetsConfig(random_sizes=(), full_class=None, pc_top_k=5),
-        models=ModelsConfig(k=2, om_oracles=0, floor_oracles=False, block_size=2),
+        models=ModelsConfig(k=2, om_target="mean", om_oracles=0, floor_oracles=False, block_size=2),
         unlearn=UnlearnConfig(methods=methods), **changes)
 
 
@@ -165,7 +165,7 @@ def test_changed_models_section_recomputes_models_only(base, tmp_path, monkeypat
     # while subsets, datamodels and forget sets stay reused (no subset model trained)
     monkeypatch.setattr("pipelines.stages.subsets.train_models", refuse_training)
     cfg = dataclasses.replace(base_config(new, reuse=(str(base),)),
-                              models=ModelsConfig(k=3, om_oracles=0, floor_oracles=False, block_size=2))
+                              models=ModelsConfig(k=3, om_target="mean", om_oracles=0, floor_oracles=False, block_size=2))
     run(cfg, STAGES)
     links = read_links(new)
     assert set(links) == UPSTREAM_LINKS - {"models.zarr"}

@@ -25,14 +25,15 @@ from pipelines.stages.forget_sets import (
     principal_component_scores,
     random_forget_set,
 )
-from pipelines.stages.models import FULL_STREAM, oracle_rows, oracle_stream
+from pipelines.stages.models import FULL_STREAM, om_targets, oracle_rows, oracle_stream
 from pipelines.tasks import get_task
 from pipelines.training import load_state_vector, predict_logits, train_models
 from tests.conftest import small_config
 from tests.pipelines.test_subsets import InterruptAfter
 from unlearning import METHODS
 
-K, OM_ORACLES = 2, 1
+K = 2
+OM_ORACLES = K  # models.om_target "own": one Oracle Matching oracle per full model
 N_ORACLES = 2 * K + OM_ORACLES  # per forget set: K reference, OM_ORACLES for Oracle Matching, K floor oracles
 ALL_METHODS = tuple(m for m in METHODS if m != "retrain")
 # Keep the tiny run fast: MU-Mis's double-backward steps are the slowest part of the unlearn stage.
@@ -40,13 +41,13 @@ FAST_HPARAMS = {"mu_mis": {"max_steps": 20}}
 
 
 def stage_config(tmp_path, *, methods=ALL_METHODS, random_sizes=(10,), full_class=0, pc_top_k=0, pc_ends=0):
-    """small_config (seed 7, 200 + 50 examples), forget sets random_10 and class_0, K = 2, 1 OM oracle, 2 floor
-    oracles."""
+    """small_config (seed 7, 200 + 50 examples), forget sets random_10 and class_0, K = 2, an OM oracle of its
+    own per full model, 2 floor oracles."""
     return dataclasses.replace(
         small_config(tmp_path, epochs=8),
         forget_sets=ForgetSetsConfig(random_sizes=random_sizes, full_class=full_class, pc_top_k=pc_top_k,
                                      pc_ends=pc_ends),
-        models=ModelsConfig(k=K, om_oracles=OM_ORACLES, block_size=2),
+        models=ModelsConfig(k=K, block_size=2),
         unlearn=UnlearnConfig(methods=methods, hparams=FAST_HPARAMS))
 
 
@@ -228,10 +229,10 @@ def test_models_resume_after_interruption(tmp_path, pipeline):
     assert models_store(RunContext(cfg, cfg.resolved_run_dir()))["full/done"][:].all()
     second = InterruptAfter(None)
     ctx = run(cfg, ["models"], second)
-    # reference + OM rows [0, 3) in blocks of 2 as without the floor oracles, then the floor rows [3, 5)
-    assert sorted(second.units) == [("oracle/class_0", 0, 2), ("oracle/class_0", 2, 3), ("oracle/class_0", 3, 5),
-                                    ("oracle/random_10", 0, 2), ("oracle/random_10", 2, 3),
-                                    ("oracle/random_10", 3, 5)]
+    # reference + OM rows [0, 4) in blocks of 2 as without the floor oracles, then the floor rows [4, 6)
+    assert sorted(second.units) == [("oracle/class_0", 0, 2), ("oracle/class_0", 2, 4), ("oracle/class_0", 4, 6),
+                                    ("oracle/random_10", 0, 2), ("oracle/random_10", 2, 4),
+                                    ("oracle/random_10", 4, 6)]
     reference = models_store(pipeline[1])
     for name in ("full", "oracle/class_0", "oracle/random_10"):
         np.testing.assert_array_equal(models_store(ctx)[f"{name}/logits"][:], reference[f"{name}/logits"][:])
@@ -243,7 +244,7 @@ def test_floor_oracles_follow_and_leave_the_other_rows_unchanged(tmp_path, pipel
     to the first K + OM rows here (same seeds, same packs), and full models equal too."""
     cfg, ctx, _ = pipeline
     g = models_store(ctx)
-    assert g.attrs["floor_oracles"] is True and oracle_rows(K, OM_ORACLES, True)["floor"] == slice(3, 5)
+    assert g.attrs["floor_oracles"] is True and oracle_rows(K, OM_ORACLES, True)["floor"] == slice(4, 6)
     task, data = get_task(cfg.task), ctx.data
     forget = forget_sets_stage.load(ctx.run_dir)["random_10"]
     mask = np.ones(200, bool)
@@ -253,8 +254,7 @@ def test_floor_oracles_follow_and_leave_the_other_rows_unchanged(tmp_path, pipel
                          epoch_size=int(mask.sum()), return_params=True)
     np.testing.assert_array_equal(g["oracle/random_10/params"][K + OM_ORACLES:], floor.params)
 
-    off = dataclasses.replace(stage_config(tmp_path), models=ModelsConfig(k=K, om_oracles=OM_ORACLES, block_size=2,
-                                                                           floor_oracles=False))
+    off = dataclasses.replace(stage_config(tmp_path), models=ModelsConfig(k=K, block_size=2, floor_oracles=False))
     without = models_store(run(off, ["forget_sets", "models"]))
     assert without.attrs["floor_oracles"] is False
     for name in ("full", "oracle/class_0", "oracle/random_10"):
@@ -265,6 +265,26 @@ def test_floor_oracles_follow_and_leave_the_other_rows_unchanged(tmp_path, pipel
 
 
 # ---- unlearn -----------------------------------------------------------------------------------------------
+
+
+def test_oracle_matching_targets_each_models_own_oracle(pipeline):
+    """models.om_target "own": full model i matches oracle row K + i (a distinct seed), never a mean; "mean" (a
+    store from before "own", or the option) gives every model the mean of the OM rows."""
+    _, ctx, _ = pipeline
+    g = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r+")
+    assert g.attrs["om_target"] == "own" and g.attrs["om_oracles"] == K
+    logits = g["oracle/random_10/logits"][:]
+    got = om_targets(g, "random_10", slice(0, K), 200)
+    for i in range(K):
+        np.testing.assert_array_equal(got[i], logits[K + i, :200])
+    assert not np.array_equal(got[0], got[1])
+    np.testing.assert_array_equal(om_targets(g, "random_10", slice(1, 2), 200)[0], logits[K + 1, :200])
+    g.attrs["om_target"] = "mean"
+    try:
+        mean = om_targets(g, "random_10", slice(0, K), 200)
+        np.testing.assert_allclose(mean[1], logits[K:K + OM_ORACLES, :200].mean(0), rtol=1e-6)
+    finally:
+        g.attrs["om_target"] = "own"
 
 
 def test_unlearn_writes_every_store(pipeline):
@@ -303,8 +323,8 @@ def test_do_nothing_and_dm_direct_logits(pipeline):
 
 
 def test_unlearn_is_reproducible_in_a_new_dir(tmp_path, pipeline):
-    """... and Oracle Matching's target is the mean of rows [K, K + OM) only: the floor oracles after them,
-    spoilt here, change nothing."""
+    """... and Oracle Matching's targets are rows [K, K + OM) only: the floor oracles after them, spoilt here,
+    change nothing."""
     methods = ("dm_matching", "oracle_matching", "mu_mis", "scrub")
     cfg, ctx, _ = build_run(tmp_path, methods=methods, unlearn=False)
     for fs in ("random_10", "class_0"):

@@ -51,9 +51,11 @@ def test_tuning_sets_are_disjoint_from_every_evaluated_set(tuned):
     labels = ctx.data.y_train.numpy()
     assert (labels[tuning["tune_class_1"]] == 1).all()
     assert len(tuning["tune_class_1"]) == (np.setdiff1d(np.flatnonzero(labels == 1), used)).size
-    # its own oracles in models.zarr: tune.k reference + om_oracles, trained without the tuning set
+    # its own oracles in models.zarr: tune.k reference + tune.k OM oracles (one per tuned model, om_target "own"),
+    # trained without the tuning set
     models = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")
-    assert models["tuning/tune_random_10/done"][:].all() and models["tuning/tune_random_10/done"].shape == (3,)
+    shape = (2 * cfg.tune.k,)
+    assert models["tuning/tune_random_10/done"][:].all() and models["tuning/tune_random_10/done"].shape == shape
 
 
 def test_choice_is_the_argmin_of_klom_recomputed_from_the_stores(tuned):

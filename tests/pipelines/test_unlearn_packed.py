@@ -38,7 +38,9 @@ def trained():
 def test_packed_cnn_equals_one_at_a_time(method, hparams, trained):
     task, data, params = trained
     rng = np.random.default_rng(0)
-    inputs = {"oracle_matching": {"oracle_logits": rng.normal(size=(data.n_train, 10)).astype(np.float32)},
+    # Oracle Matching: a target of its own for each model (models.om_target "own")
+    own = list(rng.normal(size=(3, data.n_train, 10)).astype(np.float32))
+    inputs = {"oracle_matching": {"oracle_logits": own},
               "dm_matching": {"datamodel_weights": 0.05 * rng.normal(size=(len(FORGET), data.n_targets, 10))
                               .astype(np.float32)}}.get(method, {})
     device = torch.device("cpu")
@@ -48,8 +50,9 @@ def test_packed_cnn_equals_one_at_a_time(method, hparams, trained):
     packed = unlearn_pack(task, data, params, method, FORGET, seeds=seeds, hparams=hparams, inputs=inputs,
                           device=device, forward=forward)
     for g in range(3):
+        alone = {"oracle_logits": own[g]} if method == "oracle_matching" else inputs
         model, logits, cost, info = unlearn_model(task, data, params[g], method, FORGET, seed=seeds[g],
-                                                  hparams=hparams, inputs=inputs, device=device)
+                                                  hparams=hparams, inputs=alone, device=device)
         p_logits, p_cost, p_info = packed[g]
         np.testing.assert_allclose(p_logits, logits, rtol=1e-4, atol=1e-4)
         assert p_cost.example_passes == cost.example_passes

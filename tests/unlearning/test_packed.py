@@ -32,7 +32,9 @@ def three_mlps(mlp_data):
 def inputs_for(name, models, data, forget_idx, packed: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     if name == "oracle_matching":
-        return {"oracle_logits": torch.randn(N_TRAIN, N_CLASSES, generator=g)}
+        # each model its own target (models.om_target "own"): its logits with the classes reversed
+        own = [predict_logits(m, data.x).flip(-1) for m in models]
+        return {"oracle_logits": own if packed else own[0]}
     if name == "dm_matching":
         weights = 0.1 * torch.randn(forget_idx.numel(), N_TRAIN + 10, N_CLASSES, generator=g)
         own = [torch.cat([predict_logits(m, data.x), torch.zeros(10, N_CLASSES)]) for m in models]
