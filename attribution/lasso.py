@@ -1,4 +1,4 @@
-"""Batched LASSO: linear datamodels for many targets at once (reference.md §1).
+"""Batched LASSO: linear datamodels for many targets at once (docs/methods.md §1).
 
 Data flow: subset masks (M, N) and the outputs of the subset models (M, T) from subsets.zarr ->
 `LassoDatamodels` -> datamodel weights (N, T), bias and lambda per target, which the datamodels stage writes
@@ -381,7 +381,7 @@ def fit_lasso(X, Y, lam, *, coef_init=None, tol: float = 1e-4, max_iter: int = 1
 class LassoDatamodels:
     """Linear datamodels by LASSO with a regularisation path and λ chosen per target on held-out models.
 
-    As MadryLab's `fast_l1` (reference.md §1): for each target, λ runs from λ_max (the smallest λ with all
+    As MadryLab's `fast_l1` (docs/methods.md §1): for each target, λ runs from λ_max (the smallest λ with all
     weights zero, max|XcᵀYc|/M) down geometrically to λ_max·lambda_ratio over n_lambdas values, each solve
     warm-started from the last; λ is chosen by the MSE on the validation models; then the model is refit at
     the chosen λ on the fitting and validation models together (every subset model given to `fit` is used for

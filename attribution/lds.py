@@ -2,7 +2,7 @@
 
 Data flow: datamodel weights and bias (LASSO or TRAK, from datamodels/<method>.zarr) + held-out subset masks
 and the outputs of the models trained on them (subsets.zarr) -> one Spearman correlation per target
-(reference.md §2).
+(docs/methods.md §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Subset masks: which training examples each subset model sees (reference.md §1).
+"""Subset masks: which training examples each subset model sees (docs/methods.md §1).
 
 Row i is drawn from its own generator, seeded by (seed, i), so a mask does not depend on how many models a run has
 or on which work unit trains it: growing a run keeps its earlier masks, and any worker can regenerate its rows.

@@ -7,7 +7,7 @@ In bounded memory, chunk by chunk of targets: `TrakScorer` featurizes the train 
 at a time; `calibration_sums` per chunk, `calibrate_from_sums` on all chunks' sums gives the one global scale,
 then weights = scale * scores per chunk (pipelines/stages/trak.py).
 
-Output functions (which gradients TRAK uses; reference.md §2):
+Output functions (which gradients TRAK uses; docs/methods.md §2):
 - Train side (featurizing) always uses the margin m = z_y - logsumexp_{k!=y} z_k with the out-to-loss term
   Q = 1 - p_y. Why: TRAK (paper §3) linearises the *training problem*: dropping train example i moves the
   parameters by (Phi^T Phi)^-1 phi_i Q_i, phi_i = grad f(z_i), Q_i = dLoss/df(z_i). That describes the
@@ -72,7 +72,7 @@ class TrainMarginOutput(AbstractModelOutput):
         z = torch.func.functional_call(model, (weights, buffers), (x.unsqueeze(0),))[0]
         classes = torch.arange(z.shape[-1], device=z.device)
         is_label = classes == y
-        # margin = z_y - logsumexp_{k != y} z_k (reference.md §4); masked_fill keeps the graph vmap-friendly
+        # margin = z_y - logsumexp_{k != y} z_k (docs/methods.md §4); masked_fill keeps the graph vmap-friendly
         margin = (z * is_label).sum() - z.masked_fill(is_label, float("-inf")).logsumexp(-1)
         logit = (z * (classes == which.clamp(min=0))).sum()
         return torch.where(which < 0, margin, logit)
@@ -90,7 +90,7 @@ def default_projector(
 ) -> AbstractProjector:
     """JL projector for `device`: fast_jl's CudaProjector where CUDA and fast_jl work, else BasicProjector.
 
-    BasicProjector regenerates its random matrix block by block for every batch (slow but exact, reference.md
+    BasicProjector regenerates its random matrix block by block for every batch (slow but exact, docs/methods.md
     §2); on the CPU it draws a normal matrix (traker's own CPU choice: CPU bernoulli_ lacks some dtypes).
     """
     if device.startswith("cuda") and proj_dim % _FAST_JL_DIM_MULTIPLE == 0:
@@ -185,7 +185,7 @@ class TrakScorer:
         if len(checkpoints) == 0:
             raise ValueError("checkpoints is empty: pass at least one state dict of a trained subset model")
         if not lambda_reg > 0:
-            raise ValueError(f"lambda_reg must be > 0 (reference.md §2), got {lambda_reg}")
+            raise ValueError(f"lambda_reg must be > 0 (docs/methods.md §2), got {lambda_reg}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         dev = _device_string(device, model)
@@ -222,7 +222,7 @@ class TrakScorer:
             if proj_dim >= n_train:
                 raise ValueError(
                     f"proj_dim={proj_dim} must be smaller than the number of training examples N={n_train}: "
-                    "with proj_dim >= N, Phi^T Phi is singular and the ridge term dominates (reference.md §8 "
+                    "with proj_dim >= N, Phi^T Phi is singular and the ridge term dominates (docs/methods.md §8 "
                     f"measured LDS 0.24 instead of 0.48). Pass proj_dim <= {max(1, n_train // 2)} or so."
                 )
             if proj_dim > n_params:
@@ -231,7 +231,7 @@ class TrakScorer:
             projector = default_projector(n_params, proj_dim, dev, seed=projector_seed, dtype=dtype)
         elif (projector.proj_dim or n_params) >= n_train:  # NoOpProjector reports proj_dim 0: no projection
             raise ValueError(f"the projector's output dimension {projector.proj_dim or n_params} must be "
-                             f"smaller than N={n_train} (reference.md §8)")
+                             f"smaller than N={n_train} (docs/methods.md §8)")
 
         self.n_train, self.num_classes, self.device = n_train, num_classes, dev
         self._checkpoints = list(checkpoints)
@@ -256,7 +256,7 @@ class TrakScorer:
                 logging_level=logging.WARNING,
             )
             # Featurize: the same model_id (= checkpoint index) is used for scoring; traker pairs train
-            # features and target gradients by model_id and silently mismatches otherwise (reference.md §2).
+            # features and target gradients by model_id and silently mismatches otherwise (docs/methods.md §2).
             train_which = torch.full((n_train,), _MARGIN)
             for model_id, ckpt in enumerate(self._checkpoints):
                 self._traker.load_checkpoint(ckpt, model_id=model_id)
@@ -266,7 +266,7 @@ class TrakScorer:
             self._traker.finalize_features(del_grads=True)
             # traker frees the projection matrix in finalize_features; a single-block BasicProjector
             # (proj_dim <= 100) regenerates it only when the model_id changes, never with one checkpoint
-            # (reference.md §2). With several checkpoints every experiment starts at model_id 0, not the
+            # (docs/methods.md §2). With several checkpoints every experiment starts at model_id 0, not the
             # last one, so it regenerates there.
             single_block = isinstance(projector, BasicProjector) and projector.num_blocks == 1
             if single_block and not projector.proj_matrix_available:
@@ -390,13 +390,13 @@ def trak_scores(
     Args:
         model: the architecture; each checkpoint is loaded into a private copy (the model is never mutated).
         checkpoints: state dicts of models trained on random subsets (more than ~10 for a useful estimate,
-            reference.md §2/§8).
+            docs/methods.md §2/§8).
         train_x, train_y: the N training examples (inputs, integer labels) the scores attribute to.
         target_x, target_y: the T target examples; target_y is needed only for outputs="margin".
         outputs: "logits" -> scores (N, T, C), one output function per logit; "margin" -> (N, T).
         num_classes: C; inferred from one forward pass when None, else checked against it.
-        proj_dim: JL dimension; below N (reference.md §8: proj_dim >= N ruined LDS) and at most #params.
-        lambda_reg: ridge added to Phi^T Phi before inversion; must be > 0 (reference.md §2).
+        proj_dim: JL dimension; below N (docs/methods.md §8: proj_dim >= N ruined LDS) and at most #params.
+        lambda_reg: ridge added to Phi^T Phi before inversion; must be > 0 (docs/methods.md §2).
         batch_size: rows per featurize / score call; None -> as many as fit in ~1 GiB of float32 per-example
             gradients, at most 1024 (BasicProjector regenerates its matrix for every call, so small models
             gain from large batches: N=1000 MNIST-1D CNN, 10 checkpoints, 1024 rows ran 2x faster than 128).
@@ -533,7 +533,7 @@ def calibrate(
 ) -> tuple[np.ndarray, dict]:
     """Rescale TRAK scores into datamodel weights: effects on the outputs, in the units of LASSO weights.
 
-    Least squares against held-out subset models (reference.md §2: TRAK's scale is arbitrary): for every
+    Least squares against held-out subset models (docs/methods.md §2: TRAK's scale is arbitrary): for every
     target output k (a target, or a (target, class) pair) with u_k = masks @ scores[:, k],
         outputs[:, k] ~ b_k + s   * u_k      (scale="global": one s for all k, its own intercept per k)
         outputs[:, k] ~ b_k + s_k * u_k      (scale="per_target").

@@ -1,6 +1,6 @@
 """Speed of the batched LASSO datamodel fit against a loop of scikit-learn `Lasso` over the same λ paths.
 
-Synthetic datamodel problem (reference.md §1): Bernoulli(0.5) masks, outputs = sparse linear effects of
+Synthetic datamodel problem (docs/methods.md §1): Bernoulli(0.5) masks, outputs = sparse linear effects of
 the masks + noise. Both sides do the same work per target: the whole λ path (warm starts) on the fitting
 models, the choice of λ by validation MSE, the refit at that λ on fitting + validation models, at
 scikit-learn's default tolerance (tol=1e-4). scikit-learn is timed on a random sample of targets and

@@ -1,4 +1,4 @@
-"""MU-Mis on full-class removal against retraining, per architecture (issue 4; reference.md §5).
+"""MU-Mis on full-class removal against retraining, per architecture (issue 4; docs/methods.md §5).
 
 The paper's claim (ResNet-18, CIFAR-100): forget accuracy 0 with retain and test accuracy within a point of
 retraining, using no retain data. Here: MNIST-1D, the first `--n-train` training examples, class `--forget-class`

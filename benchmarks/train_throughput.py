@@ -1,6 +1,6 @@
 """Models per hour on this machine, and the fraction of the machine's matrix-multiply limit that each engine reaches.
 
-Setting (reference.md §8): MNIST-1D CNN (or `--arch mlp`), each model trained on its own Bernoulli(0.5) subset of
+Setting (docs/methods.md §8): MNIST-1D CNN (or `--arch mlp`), each model trained on its own Bernoulli(0.5) subset of
 the first 2,000 training examples, the task's recipe with `--epochs` epochs; accuracy on the 1,000 test examples.
 Every engine trains the same models (same masks, seeds and minibatches); the one-at-a-time engine trains a sample of
 them and is extrapolated per model. The limit: a model's forward + backward FLOPs (counted by

@@ -63,7 +63,7 @@ class TaskConfig:
 class SubsetsConfig:
     # number of subset models (rows of subsets.zarr)
     n_models: int = 256
-    # Bernoulli probability of keeping each training example (reference.md §1: 0.5 is the standard)
+    # Bernoulli probability of keeping each training example (docs/methods.md §1: 0.5 is the standard)
     alpha: float = 0.5
     # models per work unit = rows per Zarr chunk, so each unit owns whole chunks
     block_size: int = 32
@@ -105,7 +105,7 @@ class ForgetSetsConfig:
     random_sizes: tuple[int, ...] = (10, 50)
     # forget every training example of this class (None: no full-class set)
     full_class: int | None = 0
-    # sub-populations from the train x train margin-datamodel matrix (A2D, reference.md §4): the top-k scores on
+    # sub-populations from the train x train margin-datamodel matrix (A2D, docs/methods.md §4): the top-k scores on
     # its first and second principal components (0: none) ...
     pc_top_k: int = 0
     # ... and n points from each end of PC1 and PC2 (0: none)
@@ -114,7 +114,7 @@ class ForgetSetsConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    # K: full models, and oracles (retrained without the forget set) per forget set, for KLOM (reference.md §4)
+    # K: full models, and oracles (retrained without the forget set) per forget set, for KLOM (docs/methods.md §4)
     k: int = 8
     # Oracle Matching's target (docs/methods.md §3): "own", each full model matches the logits of an oracle of its
     # own (K more oracles per forget set, distinct seeds: the paper's reading); "mean", every model matches the

@@ -4,11 +4,11 @@ returns the metrics dict (KLOM, accuracies, MIA and cost of every unlearning met
 oracle floor, retraining, LDS; pipelines/report.py writes it as metrics.json and renders it) and the per-point
 KLOM on the forget points (for the plots).
 
-KLOM compares K unlearned models with the first K oracles of a forget set, the reference (reference.md §4); the
+KLOM compares K unlearned models with the first K oracles of a forget set, the reference (docs/methods.md §4); the
 next om_oracles oracles are Oracle Matching's targets and are never used here, so OM is not scored against the
 models it matched. The oracle floor is the K floor oracles that follow (pipelines/stages/models.py) scored against
 the reference like a method, K vs K; a run without them falls back to two disjoint halves of the reference, K/2
-vs K/2, which reads higher from sampling noise alone (reference.md §8).
+vs K/2, which reads higher from sampling noise alone (docs/methods.md §8).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per
 METHOD_ORDER = UnlearnConfig().methods
 # processes for the population MIA's attacks (joblib; -1: every core)
 MIA_JOBS = -1
-# KLOM is summarised over these point sets; validation = the test targets (reference.md §4).
+# KLOM is summarised over these point sets; validation = the test targets (docs/methods.md §4).
 POINT_SETS = ("forget", "retain", "validation")
 # half-sample replicates (over models, unlearning.klom.klom_intervals) of every KLOM interval, and their level
 N_SUBSAMPLES = 200
@@ -196,7 +196,7 @@ def _accuracies(logits: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarr
 
 
 def _mia(losses: np.ndarray, forget: np.ndarray, test: np.ndarray, seed: int) -> float | None:
-    """Population MIA (forget vs test losses, reference.md §6), one attack per model, averaged over models."""
+    """Population MIA (forget vs test losses, docs/methods.md §6), one attack per model, averaged over models."""
     if min(len(forget), len(test)) < MIA_FOLDS:
         return None  # too few points for 5-fold cross-validation; noted in the report
     # one attack per model, on the driver's cores (scikit-learn's per-fit overhead dominates: 20 ms an attack)
@@ -206,7 +206,7 @@ def _mia(losses: np.ndarray, forget: np.ndarray, test: np.ndarray, seed: int) ->
 
 
 def _avg_gap(acc: dict, retrain: dict) -> float:
-    """MU-Mis's "Avg. Gap" (reference.md §5): mean of |dFA|, |dRA|, |dTA| to retraining."""
+    """MU-Mis's "Avg. Gap" (docs/methods.md §5): mean of |dFA|, |dRA|, |dTA| to retraining."""
     return float(np.mean([abs(acc[s] - retrain[s]) for s in ("forget", "retain", "test")]))
 
 
@@ -264,8 +264,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         method_margins = margins(logits, labels)
         values = klom(method_margins, oracle_margins)
         per_point[label] = values[forget]
-        intervals = klom_intervals(method_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL,
-                                   seed=seed)
+        intervals = _intervals(method_margins, oracle_margins, sets, seed)
         acc = _accuracies(logits, labels, sets)
         methods[label] = {
             "method": method, "datamodel": store.attrs.get("datamodel"), "budget": store.attrs.get("budget", 1.0),
@@ -386,8 +385,7 @@ def _oracle_floor(models, fs, rows, labels, oracle_margins, sets, seed, skipped)
             floor_margins = margins(read(models[f"oracle/{fs}/logits"], rows["floor"]), labels)
             return (klom(floor_margins, oracle_margins), "floor_oracles", k, floor_margins,
                     klom(floor_margins, oracle_margins, direction=OTHER_DIRECTION),
-                    klom_intervals(floor_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL,
-                                   seed=seed))
+                    _intervals(floor_margins, oracle_margins, sets, seed))
         skipped.append(f"forget set {fs}: its floor oracles are not all trained (run the models stage); its "
                        f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")
     if k < 2:
@@ -396,7 +394,15 @@ def _oracle_floor(models, fs, rows, labels, oracle_margins, sets, seed, skipped)
     halves = oracle_margins[order[: k // 2]], oracle_margins[order[k // 2 : 2 * (k // 2)]]
     return (oracle_floor(oracle_margins, seed), "half_split", k // 2, None,
             klom(*halves, direction=OTHER_DIRECTION),
-            klom_intervals(*halves, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL, seed=seed))
+            _intervals(*halves, sets, seed))
+
+
+def _intervals(method_margins, oracle_margins, sets, seed) -> dict | None:
+    """KLOM's intervals over models (unlearning.klom.klom_intervals); None with fewer than 2 models a side, where
+    a half-sample has none."""
+    if min(len(method_margins), len(oracle_margins)) < 2:
+        return None
+    return klom_intervals(method_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL, seed=seed)
 
 
 

@@ -135,7 +135,7 @@ def peak_rss() -> int | None:
 def _run_unit(fn: Callable, unit: Any, threads: int, node: str | None, **shared: Any) -> tuple[Any, dict]:
     """Run one unit; returns its result and where and how it ran. `node` None: a Ray worker, which measures its
     own peak memory (workers are reused, so the peak is reset first) and asks Ray for its node."""
-    torch.set_num_threads(threads)  # workers are reused: set it inside every task (reference.md §7)
+    torch.set_num_threads(threads)  # workers are reused: set it inside every task (docs/methods.md §7)
     measured = node is None and reset_peak_rss()
     start = time.perf_counter()
     result = fn(unit, **shared)

@@ -1,4 +1,4 @@
-"""The seed paper's linear-model experiment (datamodel-matching-paper.txt §2.1, Figure 3; reference.md §3):
+"""The seed paper's linear-model experiment (datamodel-matching-paper.txt §2.1, Figure 3; docs/methods.md §3):
 how fast gradient methods and Oracle Matching move a ridge model from the full-data optimum to the retrained
 one. Self-contained (numpy, matplotlib); `dmu linear` runs `main`: a table or JSON, and the figure.
 
@@ -27,7 +27,7 @@ points.
 - GD + GA adds -beta * grad(forget loss): curvature -2 beta x_f x_f^T / n_f along the memorised directions,
   which beats 2 lambda for any beta > lambda n_f / |x_f|^2 (about 3e-4 here), so after a first approach it
   diverges; below that it behaves like GD with a displaced optimum. With beta = 1e-3 (a "tiny" ascent rate,
-  reference.md §6) it gets no closer than 6-16% (5 seeds). A scan on 5 seeds: beta 1e-4 -> closest 1.2-3.9%,
+  docs/methods.md §6) it gets no closer than 6-16% (5 seeds). A scan on 5 seeds: beta 1e-4 -> closest 1.2-3.9%,
   1e-2 -> 18-32%, 5e-2 overflows; beta <= 1e-5 is GD in all but name.
 Measured (`dmu linear`, 5 seeds, defaults): OM reaches 1% in 25-30 iterations, GD in 2,040-2,160 (about 75x
 more), OM-retain and GD + GA never do.

@@ -232,7 +232,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines += [f"Oracle floor ({k // 2} vs {k // 2}), where the floor oracles are missing "
                   "(models.floor_oracles off or unfinished): KLOM between two disjoint halves of the oracles; "
                   "histograms of half as many models are noisier, so it reads higher than the floor at K vs K, "
-                  "a pessimistic bound (reference.md §8).", ""]
+                  "a pessimistic bound (docs/methods.md §8).", ""]
     lines += _tuning_section(metrics.get("tuning"))
     for fs, m in metrics["forget_sets"].items():
         lines += [f"## Forget set `{fs}` ({m['size']} points)", "", m["how"], ""]

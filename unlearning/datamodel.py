@@ -1,5 +1,5 @@
 """Datamodel unlearning: DM-Direct (predict the retrained model's logits from datamodel weights) and Datamodel
-Matching (Oracle Matching towards DM-Direct's predictions), reference.md §3 (A2D).
+Matching (Oracle Matching towards DM-Direct's predictions), docs/methods.md §3 (A2D).
 
 Data flow: the pipeline reads the forget-set rows of a datamodel weight store, `datamodel_weights` (|F|, T, C)
 (one weight per removed training point, target and class, targets = training examples then test examples), and
@@ -29,7 +29,7 @@ class DatamodelPredictor:
     """DM-Direct's "unlearned model": predicted logits of the retrained model for the datamodel targets only.
 
     `predicted_logits` (T, C) = original logits − Σ_{i∈F} datamodel weights of i (no intercept: only the
-    change caused by removing F is applied, reference.md §3). It cannot answer new inputs."""
+    change caused by removing F is applied, docs/methods.md §3). It cannot answer new inputs."""
 
     def __init__(self, predicted_logits: torch.Tensor, forget_idx: torch.Tensor) -> None:
         self.predicted_logits = predicted_logits
@@ -60,7 +60,7 @@ class DatamodelPredictor:
 
 @dataclass(frozen=True)
 class DatamodelDirectHyperparameters:
-    """DM-Direct has no hyperparameters: the prediction is a fixed sum (reference.md §3)."""
+    """DM-Direct has no hyperparameters: the prediction is a fixed sum (docs/methods.md §3)."""
 
 
 def _summed_forget_weights(datamodel_weights: Any, n_forget: int, device: torch.device) -> torch.Tensor:
@@ -113,7 +113,7 @@ def dm_direct(
 
     `datamodel_weights` (|F|, T, C): weight-store rows of the forget points; `original_logits` (T, C): the
     model's logits on all targets. `model` is only used for its device; `seed` is accepted for a uniform
-    interface. Cost: no example passes (the one-off datamodel estimation is not counted, as in reference.md
+    interface. Cost: no example passes (the one-off datamodel estimation is not counted, as in docs/methods.md
     §3)."""
     original = _original_logits(original_logits, len(req.data), req.device)
     predicted = datamodel_direct_logits(original, datamodel_weights, req.forget.numel())
@@ -122,17 +122,17 @@ def dm_direct(
 
 @dataclass(frozen=True)
 class DatamodelMatchingHyperparameters:
-    # Passes over the fine-tuning set (reference.md §3, DMM settings seen: 4 (or 10) epochs).
+    # Passes over the fine-tuning set (docs/methods.md §3, DMM settings seen: 4 (or 10) epochs).
     epochs: int = 4
-    # Adam learning rate at the first epoch (reference.md §3: lr 1e-4).
+    # Adam learning rate at the first epoch (docs/methods.md §3: lr 1e-4).
     lr: float = 1e-4
-    # Learning rate multiplied by this after every epoch (the OM schedule, reference.md §3).
+    # Learning rate multiplied by this after every epoch (the OM schedule, docs/methods.md §3).
     lr_decay: float = 0.95
-    # Examples per Adam step, forget and retain mixed (reference.md §3: batch 512).
+    # Examples per Adam step, forget and retain mixed (docs/methods.md §3: batch 512).
     batch_size: int = 512
-    # Each forget point appears this many times in the fine-tuning set (reference.md §3: forget ×5).
+    # Each forget point appears this many times in the fine-tuning set (docs/methods.md §3: forget ×5).
     forget_multiplier: int = 5
-    # retain_multiplier·|F| retain points sampled once, without replacement (reference.md §3: retain ×20).
+    # retain_multiplier·|F| retain points sampled once, without replacement (docs/methods.md §3: retain ×20).
     retain_multiplier: int = 20
     # BatchNorm in train mode during fine-tuning, as in the reference OM code; False = eval mode.
     batchnorm_train: bool = True

@@ -1,4 +1,4 @@
-"""Gradient baselines of unlearning (reference.md §6): gradient descent on the retain set (GD / fine-tune),
+"""Gradient baselines of unlearning (docs/methods.md §6): gradient descent on the retain set (GD / fine-tune),
 gradient ascent on the forget set (GA) and NegGrad+ (descent on retain, ascent on forget, in one loss).
 
 Data flow: model + training set + forget-set indices in, a fine-tuned copy and its cost out; each body is
@@ -17,13 +17,13 @@ from unlearning.base import PackRequest, autocast, per_model_cross_entropy, unle
 
 @dataclass(frozen=True)
 class GradientDescentHyperparameters:
-    # Passes over the retain set (reference.md §6, A2D: 3 epochs).
+    # Passes over the retain set (docs/methods.md §6, A2D: 3 epochs).
     epochs: int = 3
-    # SGD learning rate (reference.md §6, A2D: lr 1e-4).
+    # SGD learning rate (docs/methods.md §6, A2D: lr 1e-4).
     lr: float = 1e-4
-    # SGD momentum (reference.md §6: momentum 0.9).
+    # SGD momentum (docs/methods.md §6: momentum 0.9).
     momentum: float = 0.9
-    # L2 weight decay (reference.md §6: wd 5e-4).
+    # L2 weight decay (docs/methods.md §6: wd 5e-4).
     weight_decay: float = 5e-4
     # Examples per step; project choice, small enough to give several steps per epoch on small CPU-sized sets.
     batch_size: int = 128
@@ -33,11 +33,11 @@ class GradientDescentHyperparameters:
 
 @dataclass(frozen=True)
 class GradientAscentHyperparameters:
-    # Passes over the forget set; project choice (reference.md §6 gives none).
+    # Passes over the forget set; project choice (docs/methods.md §6 gives none).
     epochs: int = 3
-    # SGD learning rate: tiny, GA is unstable (reference.md §6); the value is a project choice.
+    # SGD learning rate: tiny, GA is unstable (docs/methods.md §6); the value is a project choice.
     lr: float = 1e-5
-    # SGD momentum, as for GD (reference.md §6).
+    # SGD momentum, as for GD (docs/methods.md §6).
     momentum: float = 0.9
     # No weight decay: ascent should move the model only by the forget-set loss (project choice).
     weight_decay: float = 0.0
@@ -49,15 +49,15 @@ class GradientAscentHyperparameters:
 
 @dataclass(frozen=True)
 class NegGradPlusHyperparameters:
-    # Loss = alpha·CE(retain) − (1 − alpha)·CE(forget) (reference.md §6: alpha ≈ 0.95).
+    # Loss = alpha·CE(retain) − (1 − alpha)·CE(forget) (docs/methods.md §6: alpha ≈ 0.95).
     alpha: float = 0.95
-    # Passes over the retain set; the GD setting (reference.md §6), project choice.
+    # Passes over the retain set; the GD setting (docs/methods.md §6), project choice.
     epochs: int = 3
-    # SGD learning rate; the GD setting (reference.md §6), project choice.
+    # SGD learning rate; the GD setting (docs/methods.md §6), project choice.
     lr: float = 1e-4
-    # SGD momentum (reference.md §6).
+    # SGD momentum (docs/methods.md §6).
     momentum: float = 0.9
-    # L2 weight decay (reference.md §6).
+    # L2 weight decay (docs/methods.md §6).
     weight_decay: float = 5e-4
     # Retain examples per step, each paired with up to this many forget examples (project choice).
     batch_size: int = 128

@@ -3,7 +3,7 @@
 Data flow: logits of unlearned models and of oracle models (retrained without the forget set) -> `margins` ->
 `klom` per point -> `klom_summary` per point set (forget / retain / validation), next to `oracle_floor`;
 `shift_and_spread` splits what KLOM measures into a mean shift and a spread ratio.
-Numpy only; the binning is the project's exact recipe, reference.md §4; `klom(..., convention="edub")` is the
+Numpy only; the binning is the project's exact recipe, docs/methods.md §4; `klom(..., convention="edub")` is the
 public Easy Data Unlearning Bench's variant of it, for setting numbers beside that bench's published ones.
 """
 
@@ -13,13 +13,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-# reference.md §4: both samples clipped to [-100, 100] before binning.
+# docs/methods.md §4: both samples clipped to [-100, 100] before binning.
 MARGIN_CLIP = 100.0
-# reference.md §4: 20 equal-width bins over the pooled [min, max] of both samples.
+# docs/methods.md §4: 20 equal-width bins over the pooled [min, max] of both samples.
 N_BINS = 20
-# reference.md §4: the oracle histogram is floored at 1e-5, then renormalised; KLOM <= about log(1e5) = 11.5.
+# docs/methods.md §4: the second histogram of the KL (q) is floored at 1e-5, then renormalised; KLOM <= about
+# log(1e5) = 11.5.
 EPS = 1e-5
-# `klom` conventions: this project's recipe (reference.md §4) and the Easy Data Unlearning Bench's
+# `klom` conventions: this project's recipe (docs/methods.md §4) and the Easy Data Unlearning Bench's
 # (RoyRin/data-unlearning-bench, unlearning_bench/eval.py: compute_binned_KL_div).
 CONVENTIONS = ("dmu", "edub")
 # `klom` directions. The default is the authors': the Easy Data Unlearning Bench's run.py calls
@@ -75,7 +76,7 @@ def in_range(compute, z: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def margins(logits, labels) -> np.ndarray:
-    """Margin m = z_y - logsumexp_{k != y} z_k of every point (reference.md §4).
+    """Margin m = z_y - logsumexp_{k != y} z_k of every point (docs/methods.md §4).
 
     logits: (..., n_points, C) (e.g. (n_models, n_points, C)); labels: (n_points,) ints.
     Returns (..., n_points) in the logits' float precision (float64 where that would overflow, `in_range`).
@@ -310,7 +311,7 @@ def oracle_floor(oracle_margins, seed: int) -> np.ndarray:
 
     oracle_margins: (n_models, n_points), n_models >= 2; the models are split at random (seeded) into two
     halves of n_models // 2 (one is left out when n_models is odd). The floor uses half as many models per
-    side as a method's KLOM, so it reads higher than the true floor at n_models (reference.md §8: 1.5-1.9 at
+    side as a method's KLOM, so it reads higher than the true floor at n_models (docs/methods.md §8: 1.5-1.9 at
     p95 for 50 vs 50); compare methods and floors at the same number of models where possible. Where n_models
     further oracles exist (fresh seeds, trained alike), `klom(fresh, oracle_margins)` is that floor, scored
     exactly as a method is; this half split is the fallback without them.

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from unlearning.klom import _as_array, _check_logits_labels, in_range
 
-# reference.md §6: the population MIA of SCRUB / the NeurIPS 2023 kit uses 5-fold cross-validation.
+# docs/methods.md §6: the population MIA of SCRUB / the NeurIPS 2023 kit uses 5-fold cross-validation.
 MIA_FOLDS = 5
 # `lira_scores`: floor on each fitted Gaussian's standard deviation, in margin (logit) units. Margins of
 # trained networks spread over units to tens across models, so it only bites where a group's margins are
@@ -67,7 +67,7 @@ def population_mia(forget_losses, test_losses, seed: int) -> float:
     """Population membership-inference attack: how well the per-example loss tells forget from test points.
 
     Logistic regression on the loss (forget = 1, test = 0), the larger group subsampled (seeded) to the size
-    of the smaller so chance is 0.5, scored by 5-fold stratified cross-validated accuracy (reference.md §6;
+    of the smaller so chance is 0.5, scored by 5-fold stratified cross-validated accuracy (docs/methods.md §6;
     SCRUB and the NeurIPS 2023 unlearning kit). Ideal after unlearning: about 0.5 (forget points look unseen).
     The loss is standardised first so the default L2 penalty of LogisticRegression does not flatten
     small-scale losses (e.g. 1e-4 for memorised points) to a constant prediction.
@@ -131,7 +131,7 @@ def lira_scores(margins, in_margins, out_margins) -> np.ndarray:
 
 
 def lira_mia(method_margins, heldout_oracle_margins, in_margins, out_margins) -> dict[str, float]:
-    """Per-example membership test of the forget points (reference.md §6, beside the population MIA).
+    """Per-example membership test of the forget points (docs/methods.md §6, beside the population MIA).
 
     Positives: `lira_scores` of every (model, forget point) of method_margins, the unlearned models;
     negatives: those of heldout_oracle_margins, oracles (trained without the forget set) that were NOT among
@@ -157,7 +157,7 @@ def lira_mia(method_margins, heldout_oracle_margins, in_margins, out_margins) ->
 
 
 def cost_fraction(cost, retrain_cost):
-    """Cost of unlearning as a fraction of retraining (reference.md §3: DMM at |F| = 100 is about 0.008).
+    """Cost of unlearning as a fraction of retraining (docs/methods.md §3: DMM at |F| = 100 is about 0.008).
 
     Numbers (or arrays) are divided as they are; objects with an `example_passes` attribute
     (unlearning.base.Cost) are compared by example passes, the hardware-independent unit.

@@ -1,17 +1,17 @@
 """MU-Mis: remaining-data-free unlearning by minimising input sensitivity (Cheng et al., arXiv 2402.15109;
-reference.md §5, seeds/mu-mis-*.txt).
+docs/methods.md §5, seeds/mu-mis-*.txt).
 
 Data flow: `mu_mis(model, forget, hp)` sees only the model and the forget set — by its signature it cannot use
 retain data; `mu_mis_method`, the `unlearning.METHODS["mu_mis"]` entry, slices the forget set out of the
 training set first. Both run `_run_mu_mis`, whose signature is as narrow.
 
-Loss (reference.md §5): mean over x ∈ D_f of ‖∇ₓ f_c(x)‖² − ‖∇ₓ f_c′(x)‖², c = the label, c′ = one irrelevant
+Loss (docs/methods.md §5): mean over x ∈ D_f of ‖∇ₓ f_c(x)‖² − ‖∇ₓ f_c′(x)‖², c = the label, c′ = one irrelevant
 class drawn per sample at every step. Its parameter gradient needs a double backward (input gradients with
 create_graph). The model stays in eval mode: BatchNorm uses its running statistics (forget-only batches must
 not update them), and only then is the gradient of a batch-summed logit the stack of per-sample input
 gradients.
 
-Stop rule (reference.md §5): after each update, stop once s_t / s_0 > δ, where s_t = the mean over D_f of the
+Stop rule (docs/methods.md §5): after each update, stop once s_t / s_0 > δ, where s_t = the mean over D_f of the
 per-sample norm ‖∇ₓ f_c′(x)‖ under the weights after step t, with one c′ per sample drawn once (seeded) and
 kept fixed, so the ratio tracks the weights and not the draw of c′. Otherwise stop after `max_steps` updates.
 
@@ -51,7 +51,7 @@ CHECK_PASSES = 1.0  # per sample per stop-rule evaluation
 @dataclass(frozen=True)
 class MuMisHyperparameters:
     # SGD learning rate. The seeds (mu-mis-summary.txt, mu-mis-qa.txt) give no optimiser settings: project
-    # choice. Measured on the MNIST-1D CNN of reference.md §8 (2,000 training examples, 50 random forget
+    # choice. Measured on the MNIST-1D CNN of docs/methods.md §8 (2,000 training examples, 50 random forget
     # points): with delta fixed, lr 1e-4..1e-3 and momentum 0 or 0.9 end in nearly the same place, only the
     # step count changes.
     lr: float = 1e-4
@@ -61,9 +61,9 @@ class MuMisHyperparameters:
     # stops by the delta rule, this only bounds the run time.
     max_steps: int = 100
     # Stop once the irrelevant-class sensitivity has grown by this factor over the original model's
-    # (reference.md §5 stop rule; the seeds give no value: project choice). In the measurement above, delta
+    # (docs/methods.md §5 stop rule; the seeds give no value: project choice). In the measurement above, delta
     # 1.1 took forget accuracy 0.88 -> 0.82 (retraining: 0.72) and test accuracy 0.78 -> 0.74; delta 1.5 took
-    # test accuracy to 0.42: on random forget sets MU-Mis is weak (reference.md §5), so keep delta small.
+    # test accuracy to 0.42: on random forget sets MU-Mis is weak (docs/methods.md §5), so keep delta small.
     delta: float = 1.1
     # Forget examples per step; a forget set no larger than this is used whole at every step (project choice).
     batch_size: int = 128

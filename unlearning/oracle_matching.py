@@ -1,4 +1,4 @@
-"""Oracle Matching (OM): fine-tune the original model so that its logits match an oracle's (reference.md §3,
+"""Oracle Matching (OM): fine-tune the original model so that its logits match an oracle's (docs/methods.md §3,
 A2D).
 
 Data flow: the pipeline passes the model, its training set, the forget-set indices and `oracle_logits` (N, C),
@@ -19,17 +19,17 @@ from unlearning.base import PackRequest, as_float_tensor, autocast, gather_rows,
 
 @dataclass(frozen=True)
 class OracleMatchingHyperparameters:
-    # Passes over the fine-tuning set (reference.md §3: "5 epochs" in the public OM code).
+    # Passes over the fine-tuning set (docs/methods.md §3: "5 epochs" in the public OM code).
     epochs: int = 5
-    # Adam learning rate at the first epoch (reference.md §3: lr 5e-4).
+    # Adam learning rate at the first epoch (docs/methods.md §3: lr 5e-4).
     lr: float = 5e-4
-    # Learning rate multiplied by this after every epoch (reference.md §3: "decayed ×0.95 per epoch").
+    # Learning rate multiplied by this after every epoch (docs/methods.md §3: "decayed ×0.95 per epoch").
     lr_decay: float = 0.95
-    # Examples per Adam step; forget and retain points mixed in each batch (reference.md §3: batch 512).
+    # Examples per Adam step; forget and retain points mixed in each batch (docs/methods.md §3: batch 512).
     batch_size: int = 512
-    # Each forget point appears this many times in the fine-tuning set (reference.md §3: forget ×1).
+    # Each forget point appears this many times in the fine-tuning set (docs/methods.md §3: forget ×1).
     forget_multiplier: int = 1
-    # retain_multiplier·|F| retain points sampled once, without replacement (reference.md §3: retain ×3).
+    # retain_multiplier·|F| retain points sampled once, without replacement (docs/methods.md §3: retain ×3).
     retain_multiplier: int = 3
     # BatchNorm in train mode (batch statistics, running stats updated) as in the reference code; False = eval
     # mode (dropout off too), under which a model given its own logits as the oracle is an exact fixed point.
@@ -43,7 +43,7 @@ def match_logits(req: PackRequest, oracle_logits: torch.Tensor) -> tuple[float, 
     fine-tuning set; return the example passes spent per model and each model's diagnostics. `req.hp` needs
     the fields of OracleMatchingHyperparameters (DMM's class has them).
 
-    Fine-tuning set (reference.md §3): forget points repeated `forget_multiplier` times plus
+    Fine-tuning set (docs/methods.md §3): forget points repeated `forget_multiplier` times plus
     `retain_multiplier`·|F| retain points drawn once (capped at the retain-set size), per model from its own
     generator; shuffled every epoch, so batches mix both. Loss: MSE over all classes' logits. No
     augmentation."""

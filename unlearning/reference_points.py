@@ -24,7 +24,7 @@ TrainFn = Callable[[UnlearnData, int], Any]
 class RetrainHyperparameters:
     # Epochs of the pipeline's recipe, used only to count the cost (epochs × |retain| example passes) when
     # train_fn returns a bare model; None leaves the passes unknown (NaN). Retraining ResNet-9 on CIFAR-10 is
-    # 24 epochs × 50k = 1.2M passes (reference.md §3).
+    # 24 epochs × 50k = 1.2M passes (docs/methods.md §3).
     epochs: int | None = None
 
 

@@ -1,4 +1,4 @@
-"""SCRUB (Kurmanji et al. 2023) as a baseline (reference.md §6): the original model is the teacher; the
+"""SCRUB (Kurmanji et al. 2023) as a baseline (docs/methods.md §6): the original model is the teacher; the
 student (a copy) alternates max-steps on the forget set, pushing its predictions away from the teacher's, and
 min-steps on the retain set, staying close to the teacher and to the labels.
 
@@ -20,17 +20,17 @@ from unlearning.base import FORWARD_PASS, PackRequest, autocast, per_model_cross
 @dataclass(frozen=True)
 class ScrubHyperparameters:
     # Epochs; each runs one pass over the retain set (min-step) and, while epoch < max_steps, one pass over
-    # the forget set before it (max-step) (reference.md §6: 10 epochs).
+    # the forget set before it (max-step) (docs/methods.md §6: 10 epochs).
     epochs: int = 10
-    # Epochs that include a max-step pass over the forget set (reference.md §6: 3 max-steps).
+    # Epochs that include a max-step pass over the forget set (docs/methods.md §6: 3 max-steps).
     max_steps: int = 3
-    # Adam learning rate; reference.md §6 gives none: project choice, of the order SCRUB uses at small scale.
+    # Adam learning rate; docs/methods.md §6 gives none: project choice, of the order SCRUB uses at small scale.
     lr: float = 5e-4
-    # Weight of the cross-entropy on retain in the min-step (reference.md §6: gamma 1).
+    # Weight of the cross-entropy on retain in the min-step (docs/methods.md §6: gamma 1).
     gamma: float = 1.0
-    # Weight of KL(teacher‖student) on retain in the min-step (reference.md §6: alpha 0.5).
+    # Weight of KL(teacher‖student) on retain in the min-step (docs/methods.md §6: alpha 0.5).
     alpha: float = 0.5
-    # Softmax temperature of both KL terms (reference.md §6: T 2).
+    # Softmax temperature of both KL terms (docs/methods.md §6: T 2).
     temperature: float = 2.0
     # Examples per step on both sets; project choice.
     batch_size: int = 128

@@ -1,7 +1,7 @@
 """Stage `forget_sets`: the deletion requests a run evaluates, stored in runs/<name>/forget_sets.json.
 
 Random sets of several sizes, a full class, and A2D's sub-populations from the train x train margin-datamodel matrix
-(reference.md §4): the points that score highest on its first and second principal components, and both ends of
+(docs/methods.md §4): the points that score highest on its first and second principal components, and both ends of
 those components, found by a randomized SVD that reads the matrix from the datamodel store in row blocks (at
 CIFAR-10 scale it does not fit in memory). Everything is seeded by the run seed, and each set records how it
 was made.

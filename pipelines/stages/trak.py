@@ -217,7 +217,7 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
                          "the subsets stage, which retrains the failed ones, or lower trak_checkpoints")
     if d.trak_proj_dim >= data.n_train:
         raise ConfigError(f"datamodels.trak_proj_dim = {d.trak_proj_dim} must stay below the {data.n_train} "
-                          "training examples (reference.md §8: LDS collapses otherwise)")
+                          "training examples (docs/methods.md §8: LDS collapses otherwise)")
     n_train, n_targets, n_classes = data.n_train, data.n_targets, data.num_classes
     chunk = min(d.target_chunk, n_targets)
     path = ctx.run_dir / "datamodels" / "trak.zarr"

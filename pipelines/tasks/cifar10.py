@@ -4,7 +4,7 @@ Data: the standard python batches (`cifar-10-batches-py/`) under data/cifar10, d
 offline and missing is one clear error saying where to put them. The batches are read directly (pickle), so a small
 stand-in in the same on-disk format serves the tests. Model and recipe: the ResNet-9 of the FFCV CIFAR-10 example,
 which the datamodels and A2D code train (24 epochs, batch 512, SGD, peak lr 0.5 at epoch 2, label smoothing 0.1,
-flip + translate augmentation); retraining costs 24 x 50k = 1.2M example passes (reference.md §3).
+flip + translate augmentation); retraining costs 24 x 50k = 1.2M example passes (docs/methods.md §3).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ def test_masks_are_bernoulli_alpha():
     assert masks.dtype == bool and masks.shape == (400, 500)
     # mean of 200k Bernoulli(0.3) draws: sd = sqrt(.21/200000) ~ 0.001
     assert abs(masks.mean() - 0.3) < 0.005
-    # rows are independent: off-diagonal correlation of centred masks is ~0 (reference.md §1)
+    # rows are independent: off-diagonal correlation of centred masks is ~0 (docs/methods.md §1)
     c = np.corrcoef(masks[:, :50].T.astype(float))
     assert np.abs(c[~np.eye(50, dtype=bool)]).max() < 0.25
 

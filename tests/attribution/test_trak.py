@@ -31,7 +31,7 @@ from attribution.trak import (
 )
 
 # Small fixtures: a tiny MLP on MNIST-1D; many subset models trained at once (each weight tensor stacked over
-# models on a leading axis), full-batch Adam on each model's own Bernoulli(0.5) subset (reference.md §1).
+# models on a leading axis), full-batch Adam on each model's own Bernoulli(0.5) subset (docs/methods.md §1).
 N_TRAIN, N_TARGETS, HIDDEN, N_CLASSES = 200, 20, 32, 10
 # subset models: the first 8 are TRAK's checkpoints, the next 100 calibrate, the remaining 342 fit LASSO
 N_MODELS, N_CHECKPOINTS, N_CALIBRATION = 450, 8, 100
@@ -193,7 +193,7 @@ def _check_chain_rule(device, proj_dim, n_train, d_in=10, hidden=16, n_classes=4
 
 
 def test_logit_scores_give_margin_scores_by_the_chain_rule():
-    # proj_dim 64 <= 100 also exercises the single-block BasicProjector fix (reference.md §2)
+    # proj_dim 64 <= 100 also exercises the single-block BasicProjector fix (docs/methods.md §2)
     _check_chain_rule("cpu", proj_dim=64, n_train=150)
 
 
@@ -214,7 +214,7 @@ def test_batchnorm_model_scores_do_not_depend_on_the_batch():
 
 
 def _lasso_weights(masks, outputs, alpha=1e-2):
-    # scikit-learn's Lasso per target output: the datamodel objective of reference.md §1.
+    # scikit-learn's Lasso per target output: the datamodel objective of docs/methods.md §1.
     flat = outputs.reshape(outputs.shape[0], -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence warnings on a few hard columns do not matter here

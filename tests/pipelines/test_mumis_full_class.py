@@ -1,4 +1,4 @@
-"""MU-Mis's full-class claim (reference.md §5) on MNIST-1D, where it holds: the MLP.
+"""MU-Mis's full-class claim (docs/methods.md §5) on MNIST-1D, where it holds: the MLP.
 
 Forget accuracy ≈ 0 with retain and test accuracy within 3 points of retraining, using no retain data, with the
 method's default hyperparameters. On the CNN it does not hold (benchmarks/mumis_full_class.py, issue 4): MU-Mis

@@ -129,7 +129,7 @@ def point_sets(fs):
 
 
 def slow_klom_point(u: np.ndarray, o: np.ndarray) -> float:
-    """reference.md §4 for one point, with np.histogram (last bin closed), independent of unlearning.klom."""
+    """docs/methods.md §4 for one point, with np.histogram (last bin closed), independent of unlearning.klom."""
     u, o = np.clip(u, -100, 100), np.clip(o, -100, 100)
     lo, hi = min(u.min(), o.min()), max(u.max(), o.max())
     if lo == hi:

@@ -314,7 +314,7 @@ def test_do_nothing_and_dm_direct_logits(pipeline):
     full = models_store(ctx)["full/logits"][:]
     for fs, idx in forget_sets_stage.load(ctx.run_dir).items():
         np.testing.assert_array_equal(unlearned_store(ctx, fs, "do_nothing")["logits"][:], full)
-        # DM-Direct (reference.md §3): full logits minus the summed datamodel weights of the forget points
+        # DM-Direct (docs/methods.md §3): full logits minus the summed datamodel weights of the forget points
         expected = full.astype(np.float64) - weights[idx].astype(np.float64).sum(0)
         np.testing.assert_allclose(unlearned_store(ctx, fs, "dm_direct")["logits"][:], expected,
                                    rtol=0, atol=1e-5)

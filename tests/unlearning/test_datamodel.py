@@ -63,7 +63,7 @@ def test_dm_direct_reproduces_the_exact_leave_out_effect_of_an_additive_model():
     def train_and_predict(mask: np.ndarray) -> np.ndarray:  # the "model trained on S", outputs (T, C)
         return bias + kernel @ (mask[:, None] * onehot)
 
-    masks = rng.random((n_models, n_train)) < 0.5  # α = 0.5 subsets (reference.md §1)
+    masks = rng.random((n_models, n_train)) < 0.5  # α = 0.5 subsets (docs/methods.md §1)
     outputs = np.stack([train_and_predict(m) for m in masks]).reshape(n_models, -1)
     fit = LinearRegression().fit(masks.astype(float), outputs)
     weights = fit.coef_.T.reshape(n_train, n_train + n_test, n_classes)  # (N, T, C), the store layout

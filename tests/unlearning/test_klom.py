@@ -18,7 +18,7 @@ def kl(p_sample, q_sample, **kwargs) -> np.ndarray:
 
 
 def slow_klom_point(u: np.ndarray, o: np.ndarray) -> float:
-    """reference.md §4 for one point, with np.histogram (its last bin is closed, as the spec says)."""
+    """docs/methods.md §4 for one point, with np.histogram (its last bin is closed, as the spec says)."""
     u = np.clip(u, -100, 100)
     o = np.clip(o, -100, 100)
     lo = min(u.min(), o.min())
