@@ -26,7 +26,7 @@ from pipelines.reuse import store_path, stores_in
 from pipelines.stages.models import om_rows, stored_oracle_rows
 from pipelines.stages.unlearn import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
-from unlearning.klom import klom, klom_intervals, klom_summary, margins, oracle_floor, shift_and_spread
+from unlearning.klom import floor_halves, klom, klom_intervals, klom_summary, margins, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
 
 # Display order of methods: the config's default order; methods it does not know follow, alphabetically.
@@ -233,7 +233,8 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         per_point["oracle floor"] = floor_values[forget]
         floor_margins = floor_margins[:, forget] if floor_margins is not None else None
     # the oracles one deletion request costs Oracle Matching per model: its own, or all of those it averages
-    om_oracles = 1 if om_rows(models)[1] == "own" else info["oracle_rows"]["om"].stop - info["oracle_rows"]["om"].start
+    om = info["oracle_rows"]["om"]
+    om_oracles = 1 if om_rows(models)[1] == "own" else om.stop - om.start
 
     methods = {}
     for name, path in _method_stores(run_dir, f"unlearned/{fs}").items():
@@ -320,8 +321,8 @@ def _cost(store, method: str, om_oracles: int, retrain: dict, n: int) -> dict:
     methods' include the original model's forward passes on the targets), plus, for Oracle Matching, training its
     om_oracles oracles (each costs a retraining: epochs x |retain| passes and the retraining seconds) and their
     forward passes on the N training points it matches (one oracle per model with models.om_target "own").
-    Fractions of retraining (method_passes_fraction: the fine-tuning alone, the paper's thought experiment); the datamodels' one-off cost is
-    apart (metrics["datamodels_cost"])."""
+    Fractions of retraining (method_passes_fraction: the fine-tuning alone, the paper's thought experiment); the
+    datamodels' one-off cost is apart (metrics["datamodels_cost"])."""
     seconds = float(np.mean(store["seconds"][:]))
     passes = float(np.mean(store["example_passes"][:]))
     extra_passes = extra_seconds = 0.0
@@ -377,8 +378,9 @@ def _shift_and_spread(method_margins, oracle_margins, sets) -> dict:
 
 def _oracle_floor(models, fs, rows, labels, oracle_margins, sets, seed, skipped):
     """(per-point KLOM, kind, models per side, the floor oracles' margins or None, per-point KLOM in the other
-    direction, bootstrap intervals) of the oracle floor of one forget set, or None (K < 2, no floor oracles). kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K
-    vs K; "half_split" (floor oracles off or unfinished): two disjoint halves of the reference, K/2 vs K/2."""
+    direction, half-sample intervals) of the oracle floor of one forget set, or None (K < 2, no floor oracles).
+    kind "floor_oracles": the K floor oracles scored against the K reference oracles as a method is, K vs K;
+    "half_split" (floor oracles off or unfinished): two disjoint halves of the reference, K/2 vs K/2."""
     k = oracle_margins.shape[0]
     if rows["floor"].stop > rows["floor"].start:
         if np.asarray(models[f"oracle/{fs}/done"][rows["floor"]]).all():
@@ -390,10 +392,8 @@ def _oracle_floor(models, fs, rows, labels, oracle_margins, sets, seed, skipped)
                        f"oracle floor splits the reference oracles instead ({k // 2} vs {k // 2})")
     if k < 2:
         return None
-    order = np.random.default_rng(seed).permutation(k)  # oracle_floor's split
-    halves = oracle_margins[order[: k // 2]], oracle_margins[order[k // 2 : 2 * (k // 2)]]
-    return (oracle_floor(oracle_margins, seed), "half_split", k // 2, None,
-            klom(*halves, direction=OTHER_DIRECTION),
+    halves = floor_halves(oracle_margins, seed)
+    return (klom(*halves), "half_split", k // 2, None, klom(*halves, direction=OTHER_DIRECTION),
             _intervals(*halves, sets, seed))
 
 
@@ -402,7 +402,8 @@ def _intervals(method_margins, oracle_margins, sets, seed) -> dict | None:
     a half-sample has none."""
     if min(len(method_margins), len(oracle_margins)) < 2:
         return None
-    return klom_intervals(method_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL, seed=seed)
+    return klom_intervals(method_margins, oracle_margins, sets, n_rep=N_SUBSAMPLES, level=INTERVAL_LEVEL,
+                          seed=seed)
 
 
 

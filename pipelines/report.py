@@ -79,6 +79,11 @@ def _p99_avg(kl: dict) -> float:
     return float(np.mean([kl[s]["p99"] for s in POINT_SETS]))
 
 
+def _headline_interval(entry: dict | None) -> list[float] | None:
+    """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
+    return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
+
+
 def _with_interval(value: float, interval: list[float] | None) -> str:
     return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else _fmt(value)
 
@@ -100,11 +105,11 @@ def _table(fs_metrics: dict) -> list[str]:
             "LiRA AUC % | cost % passes | seconds | cost % seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     floor = fs_metrics["oracle_floor"]
-    floor_ci = ((floor.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if floor else None
+    floor_ci = _headline_interval(floor)
 
     def row(name, m, acc, gap, mia, lira, cost, spread=None, is_floor=False):
         kl = m.get("klom") if m else None
-        ci = ((m.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if m else None
+        ci = _headline_interval(m)
         reverse = m.get("klom_reverse") if m else None
         cells = [name, _with_interval(_p99_avg(kl), ci) if kl else "–",
                  "–" if is_floor else _against(ci, floor_ci), _per_set(kl, "p99"), _per_set(kl, "p95"),

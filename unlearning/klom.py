@@ -316,9 +316,15 @@ def oracle_floor(oracle_margins, seed: int) -> np.ndarray:
     further oracles exist (fresh seeds, trained alike), `klom(fresh, oracle_margins)` is that floor, scored
     exactly as a method is; this half split is the fallback without them.
     """
+    return klom(*floor_halves(oracle_margins, seed))
+
+
+def floor_halves(oracle_margins, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two disjoint random halves of the oracle models that `oracle_floor` scores against each other (seeded;
+    one model is left out when n_models is odd), for scoring them other ways (the other direction, intervals)."""
     o = _check_margin_matrix(oracle_margins, "oracle")
     if o.shape[0] < 2:
         raise ValueError(f"oracle_floor needs at least 2 oracle models to split, got {o.shape[0]}")
     order = np.random.default_rng(seed).permutation(o.shape[0])
     half = o.shape[0] // 2
-    return klom(o[order[:half]], o[order[half : 2 * half]])
+    return o[order[:half]], o[order[half : 2 * half]]

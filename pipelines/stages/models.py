@@ -126,8 +126,8 @@ def run(ctx: RunContext) -> None:
         arrays[f"{name}/test_accuracy"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/failed"] = ArraySpec((n,), "bool", (block,), False)
     group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=config,
-                           attrs={**ctx.dataset_attrs(), "k": cfg.models.k, "om_oracles": om_count(cfg.models, cfg.models.k),
-                                  "om_target": cfg.models.om_target,
+                           attrs={**ctx.dataset_attrs(), "k": cfg.models.k,
+                                  "om_oracles": om_count(cfg.models, cfg.models.k), "om_target": cfg.models.om_target,
                                   "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs,
                                   "tune_k": cfg.tune.k if tune_sets else 0})
     units = []
@@ -196,12 +196,13 @@ def om_targets(models: zarr.Group, forget_set: str, model_rows: slice, n_train: 
     """Oracle Matching's targets on the training points for full models model_rows: (n, n_train, C), row i for
     full model model_rows.start + i: its own oracle's logits ("own") or the mean logits of the OM oracles, the
     same for every model ("mean"). None when those oracles are not all trained. Reads only those rows."""
-    n = model_rows.stop - model_rows.start
     if not om_ready(models, forget_set, ensemble, model_rows.stop):
         return None
     rows, mode = om_rows(models, ensemble)
     logits = models[f"{ensemble}/{forget_set}/logits"]
     if mode == "own":
-        return read(logits, slice(rows.start + model_rows.start, rows.start + model_rows.stop), store=store)[:, :n_train]
+        own = slice(rows.start + model_rows.start, rows.start + model_rows.stop)
+        return read(logits, own, store=store)[:, :n_train]
+    n = model_rows.stop - model_rows.start
     mean = read(logits, rows, store=store)[:, :n_train].mean(0)
     return np.broadcast_to(mean, (n, *mean.shape))

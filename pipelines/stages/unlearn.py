@@ -375,6 +375,9 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
     if not units:
         return stores
     if any(v.method == "oracle_matching" for v in chosen):
+        if cfg.models.om_target == "mean" and cfg.models.om_oracles < 1:
+            raise ConfigError("oracle_matching with models.om_target mean needs models.om_oracles >= 1 (the "
+                              "oracles whose mean it matches)")
         for fs in sets:
             if not om_ready(models, fs, ensemble, k):
                 raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
