@@ -241,6 +241,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {run_dir / 'report' / 'report.md'}")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from pipelines.interchange import IMPORTERS
+
+    path = IMPORTERS[args.kind](Path(args.source), Path(args.run_dir))
+    print(f"imported {args.kind} {args.source} -> {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipelines.interchange import EXPORTERS
+
+    out = EXPORTERS[args.kind](Path(args.run_dir), Path(args.out))
+    print(f"exported {args.run_dir} as {args.kind} -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmu", description="Machine unlearning by data attribution.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -276,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write a run's report: report.md, metrics.json, plots")
     p.add_argument("run", help="run directory, e.g. runs/demo or s3://bucket/runs/demo")
     p.set_defaults(func=cmd_report)
+
+    from pipelines.interchange import EXPORTERS, IMPORTERS
+
+    p = sub.add_parser("import", help="import a public precomputed store into a run directory (resumable)")
+    p.add_argument("kind", choices=sorted(IMPORTERS), help="the source's layout")
+    p.add_argument("source", help="folder holding the source's files")
+    p.add_argument("--run-dir", required=True, help="run directory to write the dmu stores into")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a run's stores in a public layout")
+    p.add_argument("kind", choices=sorted(EXPORTERS), help="the layout to write")
+    p.add_argument("--run-dir", required=True, help="run directory to read")
+    p.add_argument("--out", required=True, help="folder to write the files into")
+    p.set_defaults(func=cmd_export)
 
     # `dmu linear ...` is dispatched to pipelines.linear.main before parsing (it has its own options)
     sub.add_parser("linear", help="the linear-model experiment (seed paper Figure 3): dmu linear --help")
