@@ -92,7 +92,8 @@ def import_release(source: str | Path, run_dir: str | Path, block_size: int = 25
               "margins": ArraySpec((m, t), MARGIN_DTYPE, (block_size, t), float("nan")),
               "done": ArraySpec((m,), "bool", (block_size,), False)}
     group = open_or_create(path, arrays, kind=KIND, config=config,
-                           attrs={"n_train": n, "n_targets": t, "margin_only": True, "block_size": block_size})
+                           attrs={"n_train": n, "n_targets": t, "margin_only": True,
+                                  "imported": "datamodels-release", "block_size": block_size})
     done = np.asarray(group["done"][:])
     for start in range(0, m, block_size):
         stop = min(m, start + block_size)
