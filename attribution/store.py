@@ -25,9 +25,9 @@ from upath import UPath
 
 log = logging.getLogger("dmu")
 
-# 2: subsets.zarr logits sharded by model block with inner chunks along targets; datamodel stores hold the masks'
-# Gram sums (changed in issue 9). 3: subsets.zarr and models.zarr record each model's quality, `train_loss`,
-# `test_accuracy` and `failed` per row (issue 11)
+# The stores' schema: subsets.zarr's logits sharded by model block with inner chunks along targets, datamodel
+# stores holding the masks' Gram sums, and each model's quality (`train_loss`, `test_accuracy`, `failed`) per row
+# of subsets.zarr and models.zarr. A store of another schema is refused with a message saying what to do.
 SCHEMA_VERSION = 3
 
 

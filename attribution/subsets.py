@@ -7,7 +7,7 @@ rows and then their `done` flags, so an interrupted run resumes by training only
 with non-finite outputs (diverged) is written with `failed` set and `done` not: the stage trains every other
 block, then raises FailedModelsError naming the failed rows; a rerun retrains their blocks.
 
-Layout for reading by targets (issue 9): `logits` (M, T, C) is written one shard per block of models (all targets)
+Layout for reading by targets: `logits` (M, T, C) is written one shard per block of models (all targets)
 and read in inner chunks of TARGET_CHUNK targets, so a datamodel work unit that fits targets t0..t1 reads only those
 targets' bytes of every shard, never the whole (M, T, C) array.
 """
@@ -50,7 +50,7 @@ def create_store(path: str | Path, *, n_models: int, n_train: int, n_targets: in
                             float("nan"), shards=(block_size, -(-n_targets // inner) * inner, n_classes),
                             compressed=False),
         "done": ArraySpec((n_models,), "bool", (block_size,), False),
-        # each model's quality (issue 11): mean minibatch loss of its last epoch, accuracy of its logits on
+        # each model's quality: mean minibatch loss of its last epoch, accuracy of its logits on
         # the test targets (N..T-1), and whether it produced non-finite outputs (then not done: a rerun
         # retrains it)
         "train_loss": ArraySpec((n_models,), "float64", (block_size,), float("nan")),

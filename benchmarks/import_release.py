@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from attribution.store import bytes_on_disk
-from pipelines.interchange.datamodels import import_release
 
 
 def cpu_model() -> str:

@@ -1,4 +1,4 @@
-"""MU-Mis on full-class removal against retraining, per architecture (issue 4; docs/methods.md §5).
+"""MU-Mis on full-class removal against retraining, per architecture (docs/methods.md §5).
 
 The paper's claim (ResNet-18, CIFAR-100): forget accuracy 0 with retain and test accuracy within a point of
 retraining, using no retain data. Here: MNIST-1D, the first `--n-train` training examples, class `--forget-class`
@@ -30,7 +30,7 @@ from attribution.masks import model_seeds
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import get_task
 from pipelines.tasks.mnist1d import MLP, ConvNet1D
-from pipelines.training import load_state_vector, train_models
+from pipelines.engine.training import load_state_vector, train_models
 from unlearning import METHODS
 from unlearning.base import UnlearnData
 from unlearning.klom import margins

@@ -1,6 +1,5 @@
 """Ray scaling of the subsets stage: the same subset models with 1 and 2 workers, and the per-unit overhead
-(scheduling, shipping the unit's inputs, returning its logits, the driver's write) against the unit's compute
-(issue 12).
+(scheduling, shipping the unit's inputs, returning its logits, the driver's write) against the unit's compute.
 
     .venv/bin/python benchmarks/ray_scaling.py [--models 64] [--block 8] [--json]
 
@@ -34,7 +33,7 @@ from pipelines.stages import RunContext, run_stages  # noqa: E402
 
 def _warm_up(unit: tuple[int, int]) -> None:
     """Start a worker and import the training code (torch) in it: a one-off cost per worker, not per unit."""
-    import pipelines.training  # noqa: F401
+    import pipelines.engine.training  # noqa: F401
 
     time.sleep(1.0)  # long enough that each warm-up unit lands on its own worker
 

@@ -1,5 +1,5 @@
 """Scale: the datamodels and forget-set stages on synthetic subsets stores of growing size, through the real Ray
-executor, with the peak memory of the driver and of the largest work unit (issue 9).
+executor, with the peak memory of the driver and of the largest work unit.
 
 Each size writes a subsets.zarr whose logits are a known sparse linear function of the masks plus noise (so the
 benchmark also says how well LASSO recovers the true weights), then runs `datamodels` (LASSO) and `forget_sets`
@@ -11,7 +11,7 @@ when the driver's and the units' peaks stay flat while the logits grow: neither 
     .venv/bin/python benchmarks/scale.py --sizes 256x1024,512x2048   # models x targets, for a quick look
 
 Peak memory is each process's VmHWM (Linux), reset just before the stages run (driver) and before each unit
-(worker, `pipelines.executor`). Each size runs in a fresh driver process, which first writes its store block by
+(worker, `pipelines.engine.executor`). Each size runs in a fresh driver process, which first writes its store block by
 block and then, after the reset, runs the stages. A unit's memory grows with the models M (it reads M x t x C
 logits for its t targets) and not with the targets T; the default sizes grow T 8x and M 2x.
 """
@@ -44,7 +44,7 @@ from pipelines.config import (  # noqa: E402
     SubsetsConfig,
     TaskConfig,
 )
-from pipelines.executor import peak_rss, reset_peak_rss  # noqa: E402
+from pipelines.engine.executor import peak_rss, reset_peak_rss  # noqa: E402
 from pipelines.stages import RunContext, run_stages  # noqa: E402
 from pipelines.stages.subsets import subsets_config  # noqa: E402
 from pipelines.tasks import TaskData  # noqa: E402

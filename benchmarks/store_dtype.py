@@ -1,5 +1,5 @@
 """Store precision: what float16 logits and weights cost against float32, from two runs of one config that differ
-only in `subsets.logits_dtype` and `datamodels.weights_dtype` (issue 9).
+only in `subsets.logits_dtype` and `datamodels.weights_dtype`.
 
     .venv/bin/dmu run pipelines/configs/demo.yaml                      # float32 -> runs/demo
     .venv/bin/dmu run demo16.yaml   # demo.yaml with name demo16, logits_dtype and weights_dtype float16

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from attribution.masks import model_seeds, sample_masks
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import Task, TaskData, get_task
-from pipelines.training import CPU_PACK_SIZE, train_models
+from pipelines.engine.training import CPU_PACK_SIZE, train_models
 
 
 def flop_per_example(task: Task, data: TaskData, batch: int = 100) -> float:

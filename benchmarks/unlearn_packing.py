@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from attribution.store import read
-from pipelines.reuse import store_path
+from pipelines.rundir.reuse import store_path
 from pipelines.stages import forget_sets as forget_sets_stage
 from pipelines.stages import load_run_config
 from pipelines.stages.models import om_target, open_models
@@ -34,7 +34,7 @@ from pipelines.stages.unlearn import (
     variants,
 )
 from pipelines.tasks import get_task
-from pipelines.training import CPU_PACK_SIZE, packed_forward
+from pipelines.engine.training import CPU_PACK_SIZE, packed_forward
 from unlearning import METHODS
 
 

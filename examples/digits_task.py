@@ -1,7 +1,7 @@
 """A task of your own: scikit-learn's handwritten digits (`sklearn.datasets.load_digits`) and a small 2-D CNN.
 
 `task.name: examples.digits_task:make_task` in a config (examples/digits.yaml) runs the whole pipeline on it; see
-the `Task` docstring in pipelines/tasks/__init__.py for the contract a task fulfils. The data ship with
+the `Task` docstring in pipelines/tasks/base.py for the contract a task fulfils. The data ship with
 scikit-learn (no download): 1,797 real 8x8 grey-level images of the digits 0-9 (about 180 per class), from 43
 writers. Split by a seeded permutation (seed 0): its first 1,297 images train, the last 500 test; inputs float32
 (n, 1, 8, 8) scaled from the 0-16 grey levels to [0, 1].
@@ -27,7 +27,7 @@ from torch import nn
 
 from pipelines.config import ConfigError, TaskConfig
 from pipelines.tasks import Task, TaskData
-from pipelines.training import Recipe
+from pipelines.engine.training import Recipe
 
 N_TRAIN = 1297  # the first 1,297 images of the seeded permutation train; the remaining 500 test
 SPLIT_SEED = 0
@@ -71,7 +71,7 @@ if __name__ == "__main__":  # measure the recipe: test accuracy of models traine
     import time
 
     from pipelines.tasks import get_task
-    from pipelines.training import train_models
+    from pipelines.engine.training import train_models
 
     torch.set_num_threads(1)
     task = get_task(TaskConfig(name="examples.digits_task:make_task"))

@@ -27,12 +27,17 @@ from upath import UPath
 
 from attribution.store import StoreError, as_path, open_store
 from pipelines.config import RunConfig
-from pipelines.reuse import read_links, store_path
-from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages import load_run_config
-from pipelines.stages.datamodel_io import split
-from pipelines.stages.models import open_models, stored_oracle_rows
-from pipelines.stages.unlearn import store_name_of
+from pipelines.rundir.reuse import read_links, store_path
+from pipelines.report.evaluate import check_labels, finite_models, run_info
+from pipelines.rundir.layout import (
+    load_forget_sets,
+    load_run_config,
+    open_models,
+    point_sets,
+    split,
+    stored_oracle_rows,
+)
+from pipelines.rundir.variants import store_name_of
 from pipelines.tasks import TaskData, get_task
 from unlearning.klom import klom, margins
 
@@ -50,7 +55,7 @@ def open_run(run_dir: str | Path, data_dir: str | Path | None = None) -> Run:
 class Run:
     """The stores of one run; see the module docstring. Stores open on first use, so a run that has finished
     only some stages serves what it has (a missing store is a StoreError naming the stage to run). Stores the
-    run reuses from other runs (`links`, pipelines.reuse) are read where they are."""
+    run reuses from other runs (`links`, pipelines.rundir.reuse) are read where they are."""
 
     def __init__(self, run_dir: str | Path, data_dir: str | Path | None = None):
         self.run_dir: UPath = as_path(run_dir)
@@ -89,7 +94,7 @@ class Run:
     @cached_property
     def forget_sets(self) -> dict[str, np.ndarray]:
         """Forget set name -> training indices (forget_sets.json)."""
-        return forget_sets_stage.load(self.run_dir)
+        return load_forget_sets(self.run_dir)
 
     def unlearned(self, forget_set: str, method: str) -> zarr.Group:
         """The unlearned store of a method (or a variant's label as the report names it: dm_matching@3x,
@@ -137,10 +142,8 @@ class Run:
     def point_sets(self, forget_set: str) -> dict[str, np.ndarray]:
         """Target indices of the forget, retain (the other training points) and validation (test) points of a
         forget set, in the order of `klom`'s arrays."""
-        forget = np.unique(self.forget_sets[forget_set])
-        n = int(self.models.attrs["n_train"])
-        return {"forget": forget, "retain": np.setdiff1d(np.arange(n), forget),
-                "validation": np.arange(*self.models.attrs["targets"]["test"])}
+        return point_sets(self.forget_sets[forget_set], int(self.models.attrs["n_train"]),
+                          int(self.models.attrs["targets"]["test"][1]))
 
     # ---- datamodel helpers -------------------------------------------------------------------------------
 
@@ -201,10 +204,8 @@ class Run:
     def klom(self, forget_set: str, method: str) -> dict[str, np.ndarray]:
         """Per-point KLOM of one method's K unlearned models against the forget set's K reference oracles, as
         the report computes it: {"forget", "retain", "validation"} -> values on `point_sets(forget_set)`."""
-        from pipelines.report import _check_labels, _run_info  # the report's own checks of the stores
-
-        info = _run_info(self.models)
-        labels = _check_labels(self.labels, info)
+        info = run_info(self.models)  # the report's own checks of the stores
+        labels = check_labels(self.labels, info)
         reference = stored_oracle_rows(self.models)["reference"]
         done = np.asarray(self.models[f"oracle/{forget_set}/done"][reference])
         if not done.all():
@@ -214,5 +215,9 @@ class Run:
         if not np.asarray(store["done"][:]).all():
             raise StoreError(f"{forget_set}/{method}: not every unlearned model is done: finish the unlearn stage")
         oracle = margins(np.asarray(self.models[f"oracle/{forget_set}/logits"][reference]), labels)
-        values = klom(margins(np.asarray(store["logits"][:]), labels), oracle)
+        logits = np.asarray(store["logits"][:])
+        finite = finite_models(logits)  # diverged models are left out, as the report leaves them out
+        if not finite.any():
+            raise StoreError(f"{forget_set}/{method}: all {len(finite)} models diverged (non-finite logits)")
+        values = klom(margins(logits[finite], labels), oracle)
         return {name: values[idx] for name, idx in self.point_sets(forget_set).items()}

@@ -34,8 +34,8 @@ from attribution.store import (
     verify_store,
 )
 from pipelines.config import ConfigError, load_config
-from pipelines.executor import ClusterError, UnitError
-from pipelines.reuse import read_links
+from pipelines.engine.executor import ClusterError, UnitError
+from pipelines.rundir.reuse import read_links
 from pipelines.tasks import DataError
 
 USER_ERRORS = (ConfigError, StoreError, DataError, UnitError, ClusterError, FileNotFoundError,
@@ -54,7 +54,8 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from pipelines.stages import RunContext, RunLock, run_stages
+    from pipelines.rundir.lock import RunLock
+    from pipelines.stages import RunContext, run_stages
 
     cfg = load_config(args.config)
     if args.run_dir:
@@ -84,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.verify:
         verify_run(path)
         return
-    links = {} if exists(path) else read_links(path)  # stores reused from other runs (pipelines.reuse)
+    links = {} if exists(path) else read_links(path)  # stores reused from other runs (pipelines.rundir.reuse)
     reused = {str(as_path(target)): rel for rel, target in links.items() if rel.endswith(".zarr")
               and exists(target)}
     stores = [path] if exists(path) else find_stores(path) + [as_path(target) for target in reused]
@@ -141,11 +142,12 @@ def print_quality(where: str, q: dict) -> None:
 def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
     """The config that a store of `kind` at `store` holds when made from the run's config `cfg` (config.json);
     None where it cannot be derived (no forget sets yet, an unknown kind)."""
-    from pipelines.stages import forget_sets as forget_sets_stage
+    from pipelines.rundir.layout import load_forget_sets, load_tuned
+    from pipelines.rundir.variants import variants
     from pipelines.stages.datamodel_io import datamodels_config
     from pipelines.stages.models import models_config
     from pipelines.stages.subsets import subsets_config
-    from pipelines.stages.unlearn import load_tuned, unlearned_config, variants
+    from pipelines.stages.unlearn import unlearned_config
 
     try:
         if kind == "subsets":
@@ -153,10 +155,10 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
         if kind == "datamodels":
             return datamodels_config(cfg, store.name.removesuffix(".zarr"))
         if kind == "models":
-            return models_config(cfg, forget_sets_stage.load(run_dir), forget_sets_stage.load(run_dir, "tuning"))
+            return models_config(cfg, load_forget_sets(run_dir), load_forget_sets(run_dir, "tuning"))
         if kind == "unlearned":
             fs = store.parent.name
-            sets = forget_sets_stage.load(run_dir)
+            sets = load_forget_sets(run_dir)
             if fs not in sets:
                 return None
             chosen = {v.store_name: v for v in variants(cfg, load_tuned(run_dir, cfg))}
@@ -173,7 +175,7 @@ def verify_run(path) -> None:
     seed), and each store's config against the run's config.json. Prints one line per store; problems:
     StoreError, one line each."""
     from attribution.subsets import verify_masks
-    from pipelines.stages import load_run_config
+    from pipelines.rundir.layout import load_run_config
 
     stores = [path] if exists(path) else find_stores(path)
     # a single store: its run directory is the nearest folder above it with a config.json
@@ -183,7 +185,7 @@ def verify_run(path) -> None:
         run_dir = next((p for p in (path.parent, path.parent.parent, path.parent.parent.parent)
                         if (p / "config.json").exists()), path.parent)
     problems: list[str] = []
-    if stores != [path]:  # a run directory: also the stores it reuses from other runs (pipelines.reuse)
+    if stores != [path]:  # a run directory: also the stores it reuses from other runs (pipelines.rundir.reuse)
         for rel, target in read_links(path).items():
             if rel.endswith(".zarr") and exists(target):
                 stores.append(as_path(target))
@@ -218,7 +220,7 @@ def verify_run(path) -> None:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
-    from pipelines.stages import load_run_config
+    from pipelines.rundir.layout import load_run_config
     from pipelines.stages.unlearn import read_forget_ids, serve_request
 
     run_dir = as_path(args.run)  # the run may be on an object store; --out is a local file
@@ -233,7 +235,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pipelines.stages import RunContext, load_run_config, run_stages
+    from pipelines.rundir.layout import load_run_config
+    from pipelines.stages import RunContext, run_stages
 
     run_dir = as_path(args.run)
     ctx = RunContext(cfg=load_run_config(run_dir), run_dir=run_dir)
@@ -305,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the files into")
     p.set_defaults(func=cmd_export)
 
-    # `dmu linear ...` is dispatched to pipelines.linear.main before parsing (it has its own options)
+    # `dmu linear ...` is dispatched to pipelines.stages.linear.main before parsing (it has its own options)
     sub.add_parser("linear", help="the linear-model experiment (seed paper Figure 3): dmu linear --help")
     return parser
 
@@ -313,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["linear"]:
-        from pipelines.linear import main as linear_main
+        from pipelines.stages.linear import main as linear_main
 
         return linear_main(argv[1:])
     args = build_parser().parse_args(argv)

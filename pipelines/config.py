@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from upath import UPath
 
 
+# The datamodel estimators a config may name (pipelines.stages.datamodels.ESTIMATORS implements them).
+DATAMODEL_ESTIMATORS = ("lasso", "trak")
+
+
 class ConfigError(ValueError):
     """A configuration file or value is wrong; the message says which key and what to do."""
 
@@ -148,7 +152,7 @@ class UnlearnConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """The tune stage (issue 10): hyperparameters chosen by KLOM on tuning forget sets of the evaluated kinds,
+    """The tune stage: hyperparameters chosen by KLOM on tuning forget sets of the evaluated kinds,
     disjoint from every evaluated set and drawn from their own seed stream, against their own oracles."""
 
     # random tuning sets of these sizes (drawn from the points outside every evaluated set)
@@ -188,7 +192,7 @@ class RunConfig:
     # with gcsfs) that every node of a cluster reaches, credentials and endpoint from the environment
     run_dir: str | None = None
     # other run directories (paths or URLs) whose stores this run reads, read-only, where their recorded config
-    # equals this run's and they are complete (pipelines.reuse; `dmu run --reuse` appends)
+    # equals this run's and they are complete (pipelines.rundir.reuse; `dmu run --reuse` appends)
     reuse: tuple[str, ...] = ()
     # stages run by `dmu run` when --stages is not given
     stages: tuple[str, ...] = ("subsets",)
@@ -314,7 +318,11 @@ def load_config(path: str | Path) -> RunConfig:
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, stages: tuple[str, ...] | list[str] | None = None) -> None:
+    """Every check of a config that needs no data or store, so that a bad config fails before any stage runs
+    (`load_config` calls it, and `run_stages` with the stages it is about to run; the checks that need the
+    task's data run where the data is loaded). The datamodels stage's split of the subset models and TRAK's
+    checkpoints are checked when `stages` (default: cfg.stages) includes it."""
     s = cfg.subsets
     if not 0.0 < s.alpha < 1.0:
         raise ConfigError(f"subsets.alpha must be in (0, 1), got {s.alpha}")
@@ -335,8 +343,8 @@ def validate(cfg: RunConfig) -> None:
                           f"{cfg.models.om_target!r}")
     u, t = cfg.unlearn, cfg.tune
     for dm in u.datamodels:
-        if dm not in ("lasso", "trak"):
-            raise ConfigError(f"unlearn.datamodels entries must be lasso or trak, got {dm!r}")
+        if dm not in DATAMODEL_ESTIMATORS:
+            raise ConfigError(f"unlearn.datamodels entries must be {' or '.join(DATAMODEL_ESTIMATORS)}, got {dm!r}")
     if not u.datamodels or len(set(u.datamodels)) != len(u.datamodels):
         raise ConfigError(f"unlearn.datamodels must name each datamodel store once, got {list(u.datamodels)}")
     if not u.budgets or any(not (b > 0 and b < float("inf")) for b in u.budgets) or 1.0 not in u.budgets:
@@ -346,3 +354,62 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"tune.k must be at least 2 (KLOM compares ensembles), got {t.k}")
     if any(size < 1 for size in t.random_sizes) or t.pc_top_k < 0:
         raise ConfigError("tune.random_sizes and tune.pc_top_k must be positive")
+    _check_datamodels(cfg, "datamodels" in (cfg.stages if stages is None else stages))
+    _check_methods(cfg)
+
+
+def _check_methods(cfg: RunConfig) -> None:
+    """Unknown methods or hyperparameters of unlearn and tune."""
+    from unlearning import METHODS  # the methods' registry (torch): imported when a config is checked
+    for name in cfg.unlearn.methods:
+        if name not in METHODS:
+            raise ConfigError(f"unknown unlearn.methods entry {name!r}; known: {', '.join(sorted(METHODS))}")
+        if name == "retrain":
+            raise ConfigError("unlearn.methods: 'retrain' is the oracle ensemble of the models stage; remove it")
+    for name, overrides in cfg.unlearn.hparams.items():
+        if name not in METHODS:
+            raise ConfigError(f"unlearn.hparams has unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"unlearn.hparams.{name} must be a mapping of hyperparameters, e.g. {{epochs: 2}}, "
+                              f"got {overrides!r}")
+        fields = METHODS[name].Hyperparameters.__dataclass_fields__
+        for key in overrides:
+            if key not in fields:
+                raise ConfigError(f"unknown config key {f'unlearn.hparams.{name}.{key}'!r}; {name} has: "
+                                  f"{', '.join(fields) or 'no hyperparameters'}")
+    for name, grid in cfg.tune.grid.items():
+        if name not in cfg.unlearn.methods:
+            raise ConfigError(f"tune.grid names {name!r}, which is not among unlearn.methods "
+                              f"({', '.join(cfg.unlearn.methods)}): tune the methods the run evaluates")
+        fields = METHODS[name].Hyperparameters.__dataclass_fields__
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"tune.grid.{name} must map hyperparameters to lists of values, e.g. "
+                              f"{{lr: [1.0e-3, 5.0e-3]}}, got {grid!r}")
+        for key, values in grid.items():
+            if key not in fields:
+                raise ConfigError(f"unknown config key {f'tune.grid.{name}.{key}'!r}; {name} has: "
+                                  f"{', '.join(fields) or 'no hyperparameters'}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"tune.grid.{name}.{key} must be a non-empty list of values, got {values!r}")
+
+
+def _check_datamodels(cfg: RunConfig, fitting: bool) -> None:
+    d, s = cfg.datamodels, cfg.subsets
+    unknown = [m for m in d.methods if m not in DATAMODEL_ESTIMATORS]
+    if unknown:
+        raise ConfigError(f"unknown datamodels.methods {unknown}: use {' and/or '.join(DATAMODEL_ESTIMATORS)}")
+    if d.n_val < 1 or d.n_lds < 1:
+        raise ConfigError(f"datamodels.n_val and datamodels.n_lds must be >= 1 (held-out models to choose λ and "
+                          f"measure LDS), got {d.n_val} and {d.n_lds}")
+    n_fit = s.n_models - d.n_val - d.n_lds
+    if fitting and n_fit < 2:
+        raise ConfigError(f"subsets.n_models = {s.n_models} leaves {n_fit} models to fit after n_val = {d.n_val} "
+                          f"and n_lds = {d.n_lds}: train more subset models or hold out fewer")
+    if fitting and "trak" in d.methods and s.keep_params < d.trak_checkpoints:
+        raise ConfigError(f"TRAK needs the parameters of {d.trak_checkpoints} subset models "
+                          f"(datamodels.trak_checkpoints) but subsets.keep_params = {s.keep_params}: raise "
+                          "keep_params (this retrains the subset store in a new run directory) or lower "
+                          "trak_checkpoints")
+    if "oracle_matching" in cfg.unlearn.methods and cfg.models.om_target == "mean" and cfg.models.om_oracles < 1:
+        raise ConfigError("oracle_matching with models.om_target mean needs models.om_oracles >= 1 (the oracles "
+                          "whose mean it matches)")

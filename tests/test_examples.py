@@ -92,7 +92,7 @@ def test_digits_pipeline_end_to_end(digits_run):
 
     models = zarr.open_group(str(digits_run / "models.zarr"), mode="r")
     assert models["full/done"][:].all()
-    from pipelines.stages import load_run_config
+    from pipelines.rundir.layout import load_run_config
 
     data = get_task(load_run_config(digits_run).task).load_data()
     logits = models["full/logits"][:, data.n_train:]

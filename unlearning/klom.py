@@ -29,7 +29,7 @@ CONVENTIONS = ("dmu", "edub")
 DIRECTIONS = ("oracle||unlearned", "unlearned||oracle")
 
 
-def _as_array(x, name: str) -> np.ndarray:
+def as_array(x, name: str) -> np.ndarray:
     """A numpy view of an array-like; torch tensors (any device) are detached and copied to the host."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().numpy()
@@ -39,10 +39,10 @@ def _as_array(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from err
 
 
-def _check_logits_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
+def check_logits_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
     """Validate (..., n_points, C) float logits against (n_points,) integer labels; return them as arrays."""
-    z = _as_array(logits, "logits")
-    y = _as_array(labels, "labels")
+    z = as_array(logits, "logits")
+    y = as_array(labels, "labels")
     if z.ndim < 2:
         raise ValueError(f"logits must have shape (..., n_points, n_classes), got shape {z.shape}")
     if y.ndim != 1 or y.shape[0] != z.shape[-2]:
@@ -82,7 +82,7 @@ def margins(logits, labels) -> np.ndarray:
     Returns (..., n_points) in the logits' float precision (float64 where that would overflow, `in_range`).
     Stable: the log-sum-exp subtracts the largest other logit before exponentiating.
     """
-    return in_range(_margins, *_check_logits_labels(logits, labels))
+    return in_range(_margins, *check_logits_labels(logits, labels))
 
 
 def _margins(z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -96,7 +96,7 @@ def _margins(z: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _check_margin_matrix(x, name: str, keep_float32: bool = False) -> np.ndarray:
-    m = _as_array(x, name)
+    m = as_array(x, name)
     if m.ndim != 2:
         raise ValueError(f"{name} margins must have shape (n_models, n_points), got shape {m.shape}")
     if m.shape[0] < 1 or m.shape[1] < 1:
@@ -231,12 +231,12 @@ def klom_summary(values, point_sets: Mapping[str, object]) -> dict[str, dict[str
     Returns name -> {"p95", "p99", "mean", "n_points"}.
     Percentiles are numpy's default (linear interpolation).
     """
-    v = _as_array(values, "values").astype(np.float64)
+    v = as_array(values, "values").astype(np.float64)
     if v.ndim != 1:
         raise ValueError(f"values must be KLOM per point, shape (n_points,), got shape {v.shape}")
     summary = {}
     for name, index in point_sets.items():
-        idx = _as_array(index, f"point set {name!r}")
+        idx = as_array(index, f"point set {name!r}")
         if idx.dtype == bool:
             if idx.shape != v.shape:
                 raise ValueError(f"boolean point set {name!r} has shape {idx.shape}, values have {v.shape}")

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from unlearning.klom import _as_array, _check_logits_labels, in_range
+from unlearning.klom import as_array, check_logits_labels, in_range
 
 # docs/methods.md §6: the population MIA of SCRUB / the NeurIPS 2023 kit uses 5-fold cross-validation.
 MIA_FOLDS = 5
@@ -36,7 +36,7 @@ def accuracy(logits, labels):
     Returns a float for one model's (n_points, C) logits, an array (...) for stacked models. Ties go to the
     lowest class index (np.argmax).
     """
-    z, y = _check_logits_labels(logits, labels)
+    z, y = check_logits_labels(logits, labels)
     if y.size == 0:
         raise ValueError("accuracy needs at least one point")
     return _scalar_or_array((z.argmax(axis=-1) == y).mean(axis=-1))
@@ -45,7 +45,7 @@ def accuracy(logits, labels):
 def per_example_loss(logits, labels) -> np.ndarray:
     """Cross-entropy of every point, logsumexp_k z_k - z_y (natural log), shape (..., n_points); in float64
     where the logits' precision would overflow (`unlearning.klom.in_range`)."""
-    return in_range(_per_example_loss, *_check_logits_labels(logits, labels))
+    return in_range(_per_example_loss, *check_logits_labels(logits, labels))
 
 
 def _per_example_loss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -55,7 +55,7 @@ def _per_example_loss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _check_losses(x, name: str) -> np.ndarray:
-    v = _as_array(x, name).astype(np.float64).ravel()
+    v = as_array(x, name).astype(np.float64).ravel()
     if v.size < MIA_FOLDS:
         raise ValueError(f"{name} needs at least {MIA_FOLDS} losses for {MIA_FOLDS}-fold CV, got {v.size}")
     if not np.isfinite(v).all():
@@ -91,7 +91,7 @@ def population_mia(forget_losses, test_losses, seed: int) -> float:
 
 
 def _check_margins_2d(x, name: str, min_models: int, n_points: int | None = None) -> np.ndarray:
-    m = _as_array(x, name)
+    m = as_array(x, name)
     if m.ndim != 2:
         raise ValueError(f"{name} must have shape (n_models, n_points), got shape {m.shape}")
     if m.shape[0] < min_models or m.shape[1] < 1:
@@ -166,8 +166,8 @@ def cost_fraction(cost, retrain_cost):
         cost = cost.example_passes
     if hasattr(retrain_cost, "example_passes"):
         retrain_cost = retrain_cost.example_passes
-    c = _as_array(cost, "cost").astype(np.float64)
-    r = _as_array(retrain_cost, "retrain_cost").astype(np.float64)
+    c = as_array(cost, "cost").astype(np.float64)
+    r = as_array(retrain_cost, "retrain_cost").astype(np.float64)
     if not (np.isfinite(r).all() and (r > 0).all()):
         raise ValueError(f"retrain_cost must be positive and finite, got {retrain_cost!r}")
     if not (np.isfinite(c).all() and (c >= 0).all()):

@@ -29,10 +29,12 @@ from attribution.store import (
     read,
     row_ranges,
 )
-from pipelines.config import ConfigError, RunConfig, to_dict
-from pipelines.reuse import store_path
-from pipelines.stages import RunContext
-from pipelines.stages.subsets import SUBSET_TRAIN_STREAM, subsets_config
+from pipelines.config import RunConfig, to_dict
+from pipelines.rundir.layout import split
+from pipelines.rundir.reuse import store_path
+from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
+from pipelines.stages.context import RunContext
+from pipelines.stages.subsets import subsets_config
 from unlearning.klom import margins
 
 log = logging.getLogger("dmu")
@@ -41,30 +43,6 @@ KIND = "datamodels"
 ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
 CHECK_TARGETS = 1024  # targets per read when the driver checks the subset logits (a multiple of their 128-chunks)
 Rows = slice | np.ndarray  # model rows: a slice or an index array
-
-
-def split(n_models: int, n_val: int, n_lds: int,
-          dropped: np.ndarray = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit / validation / LDS rows of the subset models, increasing and disjoint: by position in the store, the
-    first M - n_val - n_lds fit, the next n_val choose λ, the last n_lds measure LDS; the `dropped` rows (failed
-    models, datamodels.drop_failed) are removed from their own split, so every other model keeps its role."""
-    n_fit = n_models - n_val - n_lds
-    if n_val < 1 or n_lds < 1:
-        raise ConfigError(f"datamodels.n_val and datamodels.n_lds must be >= 1 (held-out models to choose λ and "
-                          f"measure LDS), got {n_val} and {n_lds}")
-    if n_fit < 2:
-        raise ConfigError(f"subsets.n_models = {n_models} leaves {n_fit} models to fit after n_val = {n_val} and "
-                          f"n_lds = {n_lds}: train more subset models or hold out fewer")
-    keep = np.ones(n_models, dtype=bool)
-    keep[np.asarray(dropped, dtype=np.int64)] = False
-    bounds = ((0, n_fit), (n_fit, n_fit + n_val), (n_fit + n_val, n_models))
-    splits = tuple(np.flatnonzero(keep[a:b]) + a for a, b in bounds)
-    for name, rows, least, (a, b) in zip(("fit", "validation", "LDS"), splits, (2, 1, 1), bounds):
-        if len(rows) < least:
-            raise StoreError(f"subsets.zarr: only {len(rows)} of the {b - a} {name} models (rows {a}..{b - 1}) did "
-                             "not fail: rerun the subsets stage (dmu run CONFIG --stages subsets), which retrains "
-                             "the failed ones")
-    return splits
 
 
 @dataclass
@@ -155,7 +133,7 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
 
     Failed models (diverged: `failed` set, not done) are refused (a rerun of the subsets stage retrains them),
     or with datamodels.drop_failed left out of their split (`split`) and named in `SubsetSource.dropped`."""
-    path = store_path(ctx.run_dir, "subsets.zarr")  # a reused run's where linked (pipelines.reuse)
+    path = store_path(ctx.run_dir, "subsets.zarr")  # a reused run's where linked (pipelines.rundir.reuse)
     group = open_store(path, "subsets")
     if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
         raise StoreError(f"{path} holds models of another dataset ({group.attrs.get('dataset')}, fingerprint "
@@ -272,3 +250,6 @@ def lds_summary(group: zarr.Group, n_train: int) -> dict:
     return {"lds_mean": mean(logit_lds), "lds_margin_mean": mean(margin_lds),
             "lds_test_mean": mean(logit_lds[n_train:]), "lds_margin_test_mean": mean(margin_lds[n_train:]),
             "lds_margin_train_mean": mean(margin_lds[:n_train])}
+
+
+CURVE_TARGETS = 100  # test-target margins the LDS-vs-models curve averages over

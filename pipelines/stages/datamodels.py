@@ -6,7 +6,7 @@ out of their split (the others keep their roles) and every unit (Gram rows, LASS
 the same surviving rows (`SubsetSource.splits`). Targets are every class logit of every target (T x C
 regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin.
 
-LASSO in bounded memory (issue 9): first the masks' Gram sums XᵀX of the fit and validation models, once per
+LASSO in bounded memory: first the masks' Gram sums XᵀX of the fit and validation models, once per
 stage, in work units of GRAM_ROWS rows each written into the store (exact counts, so any split of the work gives
 the same bits); then one work unit per chunk of targets, which reads the masks, its own targets' logits (the
 subsets store is chunked along targets) and the shared Gram sums, fits, and writes its own target chunk of every
@@ -22,16 +22,17 @@ the dropped failed models (`dropped_rows`, `dropped_seeds`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
 from attribution.lasso import LassoDatamodels, MaskGram
 from attribution.lds import lds
 from attribution.store import ArraySpec, location, open_group, open_or_create
-from pipelines.config import ConfigError
-from pipelines.reuse import reuse_store
-from pipelines.stages import RunContext, drive
+from pipelines.rundir.reuse import reuse_store
+from pipelines.stages.context import RunContext, drive
 from pipelines.stages.datamodel_io import (
+    CURVE_TARGETS,
     KIND,
     SubsetSource,
     check_dropped,
@@ -43,11 +44,11 @@ from pipelines.stages.datamodel_io import (
     target_units,
     write_targets,
 )
+from pipelines.stages.trak import run_trak
 
 log = logging.getLogger("dmu")
 
 GRAM_ROWS = 4096  # rows of XᵀX per work unit and per Zarr chunk: 4 * GRAM_ROWS * N bytes per array chunk
-CURVE_TARGETS = 100  # test-target margins the LDS-vs-models curve averages over
 
 
 def gram_arrays(n_train: int) -> dict[str, ArraySpec]:
@@ -166,17 +167,14 @@ def run_lasso(ctx: RunContext, source: SubsetSource) -> None:
 
 def run(ctx: RunContext) -> None:
     d = ctx.cfg.datamodels
-    unknown = [m for m in d.methods if m not in ("lasso", "trak")]
-    if unknown:
-        raise ConfigError(f"unknown datamodels.methods {unknown}: use lasso and/or trak")
-    # stores a reused run holds, complete and made with this config, are read there (pipelines.reuse)
+    # stores a reused run holds, complete and made with this config, are read there (pipelines.rundir.reuse)
     methods = [m for m in d.methods if not reuse_store(ctx, f"datamodels/{m}.zarr", datamodels_config(ctx.cfg, m))]
     if not methods:
         return
     source = open_subsets(ctx)
-    if "lasso" in methods:
-        run_lasso(ctx, source)
-    if "trak" in methods:
-        from pipelines.stages.trak import run_trak
+    for method in methods:
+        ESTIMATORS[method](ctx, source)
 
-        run_trak(ctx, source)
+
+# The datamodel estimators (datamodels.methods, config.DATAMODEL_ESTIMATORS), each writing datamodels/<name>.zarr.
+ESTIMATORS: dict[str, Callable[[RunContext, SubsetSource], None]] = {"lasso": run_lasso, "trak": run_trak}

@@ -16,39 +16,18 @@ raises FailedModelsError naming the rows and seeds; a rerun retrains their units
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
-import zarr
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, open_or_create, open_store, read
+from attribution.store import ArraySpec, open_or_create
 from attribution.subsets import accuracy_on_test_targets, failed_error, failed_models
 from pipelines.config import RunConfig, TaskConfig, to_dict
-from pipelines.reuse import reuse_store, store_path
-from pipelines.stages import RunContext, drive
-from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.engine.training import default_device, load_state_vector, predict_logits, state_vector, train_models
+from pipelines.rundir.layout import MODELS_KIND, fingerprint, load_forget_sets, om_count, oracle_rows
+from pipelines.rundir.reuse import reuse_store
+from pipelines.rundir.seeds import FULL_STREAM, oracle_stream
+from pipelines.stages.context import RunContext, drive
 from pipelines.tasks import TaskData, get_task
-from pipelines.training import default_device, load_state_vector, predict_logits, state_vector, train_models
-
-KIND = "models"
-FULL_STREAM = 2  # seed stream of the full models; oracles use one stream per forget set (oracle_stream)
-
-
-def oracle_stream(forget_set: str) -> int:
-    return 1000 + zlib.crc32(forget_set.encode())
-
-
-def om_count(models_cfg, k: int) -> int:
-    """Oracle Matching's oracles per forget set for k full models: one each ("own"), or om_oracles ("mean")."""
-    return k if models_cfg.om_target == "own" else models_cfg.om_oracles
-
-
-def oracle_rows(k: int, om_oracles: int, floor_oracles: bool) -> dict[str, slice]:
-    """Rows of `oracle/<forget_set>`: "reference" (KLOM's, K), "om" (Oracle Matching's targets, om_oracles) and
-    "floor" (the oracle floor's, K when floor_oracles, else empty), in that order."""
-    om = slice(k, k + om_oracles)
-    return {"reference": slice(0, k), "om": om, "floor": slice(om.stop, om.stop + (k if floor_oracles else 0))}
 
 
 def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray],
@@ -71,9 +50,9 @@ def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray],
 
 def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray], tuning_sets: dict[str, np.ndarray]) -> dict:
     config = {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-              "forget_sets": {n: forget_sets_stage.fingerprint(i) for n, i in forget_sets.items()}}
+              "forget_sets": {n: fingerprint(i) for n, i in forget_sets.items()}}
     if tuning_sets:
-        config["tuning"] = {"k": cfg.tune.k, "sets": {n: forget_sets_stage.fingerprint(i)
+        config["tuning"] = {"k": cfg.tune.k, "sets": {n: fingerprint(i)
                                                       for n, i in tuning_sets.items()}}
     return config
 
@@ -104,11 +83,11 @@ def train_ensemble_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, da
 
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
-    sets = forget_sets_stage.load(ctx.run_dir)
-    tune_sets = forget_sets_stage.load(ctx.run_dir, "tuning")
+    sets = load_forget_sets(ctx.run_dir)
+    tune_sets = load_forget_sets(ctx.run_dir, "tuning")
     plans = ensembles(cfg, sets, tune_sets)
     config = models_config(cfg, sets, tune_sets)
-    if reuse_store(ctx, "models.zarr", config):  # a reused run's complete store (pipelines.reuse)
+    if reuse_store(ctx, "models.zarr", config):  # a reused run's complete store (pipelines.rundir.reuse)
         return
     n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
     block = cfg.models.block_size
@@ -121,11 +100,11 @@ def run(ctx: RunContext) -> None:
                                              compressed=False)
         arrays[f"{name}/seconds"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/done"] = ArraySpec((n,), "bool", (block,), False)
-        # each model's quality (issue 11), as in subsets.zarr: a failed model (non-finite outputs) is not done
+        # each model's quality, as in subsets.zarr: a failed model (non-finite outputs) is not done
         arrays[f"{name}/train_loss"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/test_accuracy"] = ArraySpec((n,), "float64", (block,), float("nan"))
         arrays[f"{name}/failed"] = ArraySpec((n,), "bool", (block,), False)
-    group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=KIND, config=config,
+    group = open_or_create(ctx.run_dir / "models.zarr", arrays, kind=MODELS_KIND, config=config,
                            attrs={**ctx.dataset_attrs(), "k": cfg.models.k,
                                   "om_oracles": om_count(cfg.models, cfg.models.k), "om_target": cfg.models.om_target,
                                   "floor_oracles": cfg.models.floor_oracles, "epochs": ctx.task.recipe.epochs,
@@ -161,48 +140,3 @@ def run(ctx: RunContext) -> None:
         raise failed_error("models", failed, total)
 
 
-def open_models(run_dir) -> zarr.Group:
-    """models.zarr of a run (a local path or an object-store URL; a reused run's where linked), read-only."""
-    return open_store(store_path(run_dir, "models.zarr"), KIND)
-
-
-def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:
-    """`oracle_rows` of a models store, from its attrs (a store from before the floor oracles has none)."""
-    attrs = models.attrs
-    return oracle_rows(int(attrs["k"]), int(attrs.get("om_oracles", 0)), bool(attrs.get("floor_oracles", False)))
-
-
-def om_rows(models: zarr.Group, ensemble: str = "oracle") -> tuple[slice, str]:
-    """(rows of Oracle Matching's oracles in `ensemble` ("oracle", or "tuning": after its tune_k reference
-    oracles), the store's om_target: "own" or "mean"; a store from before "own" existed is "mean")."""
-    mode = str(models.attrs.get("om_target", "mean"))
-    rows = stored_oracle_rows(models)["om"]
-    if ensemble == "tuning":
-        k = int(models.attrs["tune_k"])
-        rows = slice(k, k + (k if mode == "own" else rows.stop - rows.start))
-    return rows, mode
-
-
-def om_ready(models: zarr.Group, forget_set: str, ensemble: str, n_models: int) -> bool:
-    """Whether Oracle Matching's oracles for the first n_models full models are trained."""
-    rows, mode = om_rows(models, ensemble)
-    need = slice(rows.start, rows.start + n_models) if mode == "own" else rows
-    return need.stop > need.start and need.stop <= rows.stop and bool(
-        np.asarray(models[f"{ensemble}/{forget_set}/done"][need]).all())
-
-
-def om_targets(models: zarr.Group, forget_set: str, model_rows: slice, n_train: int, ensemble: str = "oracle",
-               store=None) -> np.ndarray | None:
-    """Oracle Matching's targets on the training points for full models model_rows: (n, n_train, C), row i for
-    full model model_rows.start + i: its own oracle's logits ("own") or the mean logits of the OM oracles, the
-    same for every model ("mean"). None when those oracles are not all trained. Reads only those rows."""
-    if not om_ready(models, forget_set, ensemble, model_rows.stop):
-        return None
-    rows, mode = om_rows(models, ensemble)
-    logits = models[f"{ensemble}/{forget_set}/logits"]
-    if mode == "own":
-        own = slice(rows.start + model_rows.start, rows.start + model_rows.stop)
-        return read(logits, own, store=store)[:, :n_train]
-    n = model_rows.stop - model_rows.start
-    mean = read(logits, rows, store=store)[:, :n_train].mean(0)
-    return np.broadcast_to(mean, (n, *mean.shape))

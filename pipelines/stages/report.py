@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.stages import RunContext
+from pipelines.stages.context import RunContext
 
 log = logging.getLogger("dmu")
 
 
 def run(ctx: RunContext) -> None:
-    from pipelines.linear import linear_experiment
+    from pipelines.stages.linear import linear_experiment
     from pipelines.report import build_report
 
     linear = linear_experiment()  # the seed paper's Figure 3: seconds on a CPU

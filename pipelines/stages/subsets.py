@@ -14,15 +14,13 @@ import numpy as np
 from attribution import subsets as subsets_store
 from attribution.masks import model_seeds, sample_masks
 from pipelines.config import RunConfig, TaskConfig, to_dict
-from pipelines.reuse import reuse_store
-from pipelines.stages import RunContext
+from pipelines.engine.training import state_vector, train_models
+from pipelines.rundir.reuse import reuse_store
+from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
+from pipelines.stages.context import RunContext
 from pipelines.tasks import TaskData, get_task
-from pipelines.training import state_vector, train_models
 
 log = logging.getLogger("dmu")
-
-# Seed stream of the subset models' training (attribution.masks.model_rng); other stages use other streams.
-SUBSET_TRAIN_STREAM = 1
 
 
 def subsets_config(cfg: RunConfig) -> dict:
@@ -49,7 +47,7 @@ def train_subset_block(unit: tuple[int, int], *, task_cfg: TaskConfig, data: Tas
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
     s = cfg.subsets
-    if reuse_store(ctx, "subsets.zarr", subsets_config(cfg)):  # a reused run's complete store (pipelines.reuse)
+    if reuse_store(ctx, "subsets.zarr", subsets_config(cfg)):  # a reused run's complete store (pipelines.rundir.reuse)
         return
     n_params = state_vector(ctx.task.build_model(data.num_classes, 0)).numel()
     group = subsets_store.create_store(

@@ -6,7 +6,7 @@ TRAK sees models trained on alpha-subsets exactly like the LASSO fit; scores for
 margin of every target; calibrated to effects on outputs (one global scale per output kind, attribution.trak)
 on the validation slice of subset models; LDS on the LDS slice, the same held-out models as LASSO's.
 
-In bounded memory, by chunks of t = `target_chunk` targets, in two passes (issue 9):
+In bounded memory, by chunks of t = `target_chunk` targets, in two passes:
 1. One work unit (a GPU unit on a cluster) featurizes the train set once with the k checkpoints
    (attribution.trak.TrakScorer) and then, for every chunk not yet `scored`, scores its logits and margins,
    writes these raw scores into `raw_weights` / `raw_margin_weights`, the chunk's calibration sums against the
@@ -49,8 +49,9 @@ from attribution.lds import lds
 from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create
 from attribution.trak import CALIBRATION_SUMS, TrakScorer, calibrate, calibrate_from_sums, calibration_sums
 from pipelines.config import ConfigError, TaskConfig
-from pipelines.stages import RunContext, drive
+from pipelines.stages.context import RunContext, drive
 from pipelines.stages.datamodel_io import (
+    CURVE_TARGETS,
     KIND,
     ROW_CHUNK,
     SubsetSource,
@@ -61,9 +62,8 @@ from pipelines.stages.datamodel_io import (
     store_arrays,
     target_units,
 )
-from pipelines.stages.datamodels import CURVE_TARGETS
 from pipelines.tasks import TaskData, get_task
-from pipelines.training import default_device, load_state_vector
+from pipelines.engine.training import default_device, load_state_vector
 
 log = logging.getLogger("dmu")
 
@@ -195,7 +195,7 @@ def calibrate_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, 
 
 
 def _scratch(group: zarr.Group, n_train: int, n_targets: int, n_classes: int, chunk: int) -> None:
-    """Create the scratch arrays where absent (a store from before issue 9 has none)."""
+    """Create the scratch arrays where absent (a store made before they existed has none)."""
     for name, spec in scratch_arrays(n_train, n_targets, n_classes, chunk).items():
         if name not in group:
             group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
@@ -206,10 +206,6 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
     cfg, data = ctx.cfg, ctx.data
     d = cfg.datamodels
     k = d.trak_checkpoints
-    if cfg.subsets.keep_params < k:
-        raise ConfigError(f"TRAK needs the parameters of {k} subset models (datamodels.trak_checkpoints) "
-                          f"but subsets.keep_params = {cfg.subsets.keep_params}: raise keep_params (this "
-                          "retrains the subset store in a new run directory) or lower trak_checkpoints")
     kept = int(np.sum(source.checkpoints(k) < cfg.subsets.keep_params))
     if kept < k:
         raise StoreError(f"TRAK needs the parameters of {k} subset models (datamodels.trak_checkpoints) but only "

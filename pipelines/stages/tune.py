@@ -13,21 +13,26 @@ the smallest wins (ties: the first grid point). No evaluated forget set, and non
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 
 import numpy as np
 
-from attribution.store import StoreError, as_path, diff_keys, normalise_config, read, write_text
-from pipelines.config import RunConfig, to_dict
-from pipelines.evaluate import json_safe
-from pipelines.reuse import store_path
-from pipelines.stages import RunContext
-from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages.models import open_models
-from pipelines.stages.unlearn import DATAMODEL_METHODS, Variant, check_methods, run_variants, unlearned_config
+from attribution.store import StoreError, read, write_text
+from pipelines.report.evaluate import json_safe
+from pipelines.rundir.layout import (
+    forget_sets_path,
+    load_forget_sets,
+    open_models,
+    point_sets,
+    tune_config,
+    tune_path,
+)
+from pipelines.rundir.reuse import store_path
+from pipelines.rundir.variants import candidates
+from pipelines.stages.context import RunContext
+from pipelines.stages.unlearn import run_variants, unlearned_config
 from unlearning import METHODS
 from unlearning.klom import klom, klom_summary, margins
 
@@ -36,45 +41,6 @@ log = logging.getLogger("dmu")
 CRITERION = ("mean over the tuning sets of the mean of KLOM p95 on forget, retain and validation points "
              "(tune.k unlearned models against the set's tune.k reference oracles)")
 POINT_SETS = ("forget", "retain", "validation")
-
-
-def candidates(cfg: RunConfig) -> dict[str, list[Variant]]:
-    """Per method of tune.grid, every combination of its values over unlearn.hparams, as grid points 0, 1, ...
-    (the datamodel methods read the first of unlearn.datamodels)."""
-    out = {}
-    for method, grid in cfg.tune.grid.items():
-        base = cfg.unlearn.hparams.get(method, {})
-        keys = list(grid)
-        dm = cfg.unlearn.datamodels[0] if method in DATAMODEL_METHODS else None
-        out[method] = [Variant(method, {**base, **dict(zip(keys, values))}, dm, grid_point=i)
-                       for i, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
-    return out
-
-
-def tune_config(cfg: RunConfig, tuning_sets: dict[str, np.ndarray]) -> dict:
-    """What the choice depends on: a tune.json made for another config is refused by `load`."""
-    return normalise_config({
-        "seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-        "tune": to_dict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodel": cfg.unlearn.datamodels[0],
-        "tuning_sets": {n: forget_sets_stage.fingerprint(i) for n, i in tuning_sets.items()}})
-
-
-def path(run_dir):
-    return as_path(run_dir) / "tune.json"
-
-
-def load(run_dir, cfg: RunConfig) -> dict:
-    """tune.json of a run, checked against `cfg` (StoreError when missing or made for another config)."""
-    p = path(run_dir)
-    if not p.exists():
-        raise StoreError(f"no tuned hyperparameters at {p}: the config has tune.grid, so run the tune stage "
-                         "first (dmu run CONFIG --stages tune)")
-    stored = json.loads(p.read_text())
-    expected = tune_config(cfg, forget_sets_stage.load(run_dir, "tuning"))
-    if stored["config"] != expected:
-        raise StoreError(f"{p} was made with a different config ({'; '.join(diff_keys(stored['config'], expected))})"
-                         ": rerun the tune stage (dmu run CONFIG --stages tune)")
-    return stored
 
 
 def score(unlearned_logits: np.ndarray, oracle_margins: np.ndarray, labels: np.ndarray,
@@ -94,8 +60,7 @@ def run(ctx: RunContext) -> None:
     if not cfg.tune.grid:
         log.info("tune: the config has no tune.grid; methods run with unlearn.hparams")
         return
-    check_methods(cfg)
-    sets = forget_sets_stage.load(ctx.run_dir, "tuning")
+    sets = load_forget_sets(ctx.run_dir, "tuning")
     if not sets:
         raise StoreError("forget_sets.json has no tuning sets: run the forget_sets stage with this config")
     grid = candidates(cfg)
@@ -113,13 +78,11 @@ def run(ctx: RunContext) -> None:
         if not np.asarray(models[f"tuning/{fs}/done"][:k]).all():
             raise StoreError(f"models.zarr has the oracles of tuning set {fs!r} not done: run the models stage")
         oracle_margins = margins(read(models[f"tuning/{fs}/logits"], slice(0, k), store=models_path), labels)
-        point_sets = {"forget": idx, "retain": np.setdiff1d(np.arange(data.n_train), idx),
-                      "validation": np.arange(data.n_train, data.n_targets)}
+        sets_of_points = point_sets(idx, data.n_train, data.n_targets)
         for method, vs in grid.items():
             for v, entry in zip(vs, results[method]):
                 logits = read(stores[(fs, v.label)]["logits"], store=ctx.run_dir / "tune" / fs / v.store_name)
-                value, per_set = score(logits, oracle_margins, labels,
-                                       point_sets)
+                value, per_set = score(logits, oracle_margins, labels, sets_of_points)
                 entry["per_set"][fs] = {"score": value, "p95": per_set}
     chosen = {}
     for method, entries in results.items():
@@ -133,8 +96,8 @@ def run(ctx: RunContext) -> None:
         log.info("tune: %s -> %s (score %.3f; grid of %d)", method, chosen[method], entries[best]["score"],
                  len(entries))
     untuned = [m for m in cfg.unlearn.methods if m not in grid and METHODS[m].Hyperparameters.__dataclass_fields__]
-    stored = json.loads(forget_sets_stage.path(ctx.run_dir).read_text())["tuning"]
-    write_text(path(ctx.run_dir), json.dumps({
+    stored = json.loads(forget_sets_path(ctx.run_dir).read_text())["tuning"]
+    write_text(tune_path(ctx.run_dir), json.dumps({
         "config": tune_config(cfg, sets), "criterion": CRITERION, "k": k,
         "sets": {n: {"size": s["size"], "how": s["how"]} for n, s in stored.items()},
         "grid": cfg.tune.grid, "candidates": json_safe(results), "chosen": chosen, "untuned": untuned}, indent=1))

@@ -14,11 +14,7 @@ unlearn`).
 
 from __future__ import annotations
 
-import re
-import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,247 +23,39 @@ import zarr
 from torch import nn
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, open_store, read
+from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, read
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
-from pipelines.reuse import open_reused, store_path
-from pipelines.stages import RunContext, drive
-from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages.models import om_ready, om_targets, open_models
-from pipelines.tasks import Task, TaskData, get_task
-from pipelines.training import (
-    default_device,
-    load_state_vector,
-    pack_size_for,
-    packed_forward,
-    predict_logits,
-    train_models,
+from pipelines.engine.apply import method_inputs, unlearn_model, unlearn_pack
+from pipelines.engine.training import default_device, pack_size_for, packed_forward, train_models
+from pipelines.rundir.layout import (
+    datamodel_rows,
+    datamodel_store,
+    fingerprint,
+    load_forget_sets,
+    load_tuned,
+    om_ready,
+    om_targets,
+    open_models,
+    point_sets,
+    read_datamodel_rows,
 )
-from unlearning import METHODS, UnlearnData, get_method
-from unlearning.base import FORWARD_PASS, Cost, PackedForward, StackedPack, Stopwatch
+from pipelines.rundir.reuse import open_reused, store_path
+from pipelines.rundir.seeds import RETRAIN_TIMING_STREAM, method_seed
+from pipelines.rundir.variants import DATAMODEL_METHODS, STOPPED_BY, Variant, variants
+from pipelines.stages.context import RunContext, drive
+from pipelines.tasks import TaskData, get_task
+from unlearning import METHODS
 
 KIND = "unlearned"
-DATAMODEL_METHODS = ("dm_direct", "dm_matching")
-
-
-def check_methods(cfg: RunConfig) -> None:
-    """Unknown methods or hyperparameters are config errors, found before any work starts."""
-    for name in cfg.unlearn.methods:
-        if name not in METHODS:
-            raise ConfigError(f"unknown unlearn.methods entry {name!r}; known: {', '.join(sorted(METHODS))}")
-        if name == "retrain":
-            raise ConfigError("unlearn.methods: 'retrain' is the oracle ensemble of the models stage; remove it")
-    for name, overrides in cfg.unlearn.hparams.items():
-        if name not in METHODS:
-            raise ConfigError(f"unlearn.hparams has unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"unlearn.hparams.{name} must be a mapping of hyperparameters, e.g. {{epochs: 2}}, "
-                              f"got {overrides!r}")
-        fields = METHODS[name].Hyperparameters.__dataclass_fields__
-        for key in overrides:
-            if key not in fields:
-                raise ConfigError(f"unknown config key {f'unlearn.hparams.{name}.{key}'!r}; {name} has: "
-                                  f"{', '.join(fields) or 'no hyperparameters'}")
-    for name, grid in cfg.tune.grid.items():
-        if name not in cfg.unlearn.methods:
-            raise ConfigError(f"tune.grid names {name!r}, which is not among unlearn.methods "
-                              f"({', '.join(cfg.unlearn.methods)}): tune the methods the run evaluates")
-        fields = METHODS[name].Hyperparameters.__dataclass_fields__
-        if not isinstance(grid, dict) or not grid:
-            raise ConfigError(f"tune.grid.{name} must map hyperparameters to lists of values, e.g. "
-                              f"{{lr: [1.0e-3, 5.0e-3]}}, got {grid!r}")
-        for key, values in grid.items():
-            if key not in fields:
-                raise ConfigError(f"unknown config key {f'tune.grid.{name}.{key}'!r}; {name} has: "
-                                  f"{', '.join(fields) or 'no hyperparameters'}")
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"tune.grid.{name}.{key} must be a non-empty list of values, got {values!r}")
-
-
-def method_seed(seed: int, model: int, forget_set: str, method: str) -> int:
-    ss = np.random.SeedSequence([seed, model, zlib.crc32(forget_set.encode()), zlib.crc32(method.encode())])
-    return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def datamodel_store(run_dir: str | Path, datamodel: str, data: TaskData) -> str:
-    """The location of the datamodel weight store, checked against the task (complete, same N, T, C, dataset)."""
-    path = store_path(run_dir, f"datamodels/{datamodel}.zarr")  # a reused run's where linked (pipelines.reuse)
-    store = open_store(path, "datamodels")
-    weights = store["weights"]
-    if tuple(weights.shape) != (data.n_train, data.n_targets, data.num_classes):
-        raise StoreError(f"datamodel store {datamodel}.zarr has weights {tuple(weights.shape)} but the task has "
-                         f"(N, T, C) = {(data.n_train, data.n_targets, data.num_classes)}: it belongs to another "
-                         "task or size; recompute the datamodels stage for this config")
-    if "done" in store and not np.asarray(store["done"][:]).all():
-        raise StoreError(f"datamodel store {datamodel}.zarr is not complete: finish the datamodels stage "
-                         "first (dmu run CONFIG --stages datamodels resumes it)")
-    fp = store.attrs.get("dataset_fingerprint")
-    if fp is not None and fp != data.fingerprint():
-        raise StoreError(f"datamodel store {datamodel}.zarr was fit on another dataset (fingerprint {fp}): "
-                         "recompute it for this task")
-    return location(path)
-
-
-def read_datamodel_rows(store: str, forget_idx: np.ndarray) -> np.ndarray:
-    """The forget rows (|F|, T, C) float32 of a datamodel store (only the row chunks that hold them are read)."""
-    weights = open_group(store)["weights"]
-    return read(weights, (np.sort(forget_idx), slice(None), slice(None)), store=store).astype(np.float32, copy=False)
-
-
-def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
-    """The forget rows (|F|, T, C) of the datamodel weight store, checked against the task."""
-    return read_datamodel_rows(datamodel_store(run_dir, datamodel, data), forget_idx)
-
-
-def unlearn_model(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
-                  seed: int, hparams: dict, inputs: dict, device: torch.device) -> tuple[nn.Module | object, np.ndarray,
-                                                                                      Cost, dict]:
-    """One deletion request on one model: returns (unlearned model or predictor, logits (T, C), cost, info).
-
-    The cost counts everything the request needs from the model on: the datamodel methods' forward pass that
-    gives the original model's logits on the targets (timed here, T forward passes) and the method itself.
-    Only Oracle Matching's oracles are costed elsewhere (the report adds their retraining)."""
-    model = load_state_vector(task.build_model(data.num_classes, 0), params).to(device)
-    train = UnlearnData(data.x_train.to(device), data.y_train.to(device))
-    cost = Cost(0.0, 0.0)
-    if method in DATAMODEL_METHODS:
-        start = time.perf_counter()
-        original = predict_logits(model, data.x_targets.to(device))
-        cost = Cost(time.perf_counter() - start, FORWARD_PASS * data.n_targets)
-        inputs = {**inputs, "original_logits": original}
-    result = get_method(method)(model, train, forget_idx, **inputs, seed=seed, **hparams)
-    if isinstance(result.model, nn.Module):
-        logits = predict_logits(result.model, data.x_targets.to(device))
-    else:  # DM-Direct: its predictions on the datamodel targets
-        logits = result.model.logits().detach().float().cpu().numpy()
-    return result.model, logits, cost + result.cost, result.info
-
-
-def unlearn_pack(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
-                 seeds: list[int], hparams: dict, inputs: dict, device: torch.device,
-                 forward: PackedForward) -> list[tuple[np.ndarray, Cost, dict]]:
-    """One deletion request on G models (rows of `params`) as one computation through `forward`, for a method
-    that packs (`METHODS[method].packed`): per model (logits (T, C), cost, info), each as `unlearn_model`
-    with seed seeds[g] gives it up to rounding. Seconds: the pack's, shared equally."""
-    models = [load_state_vector(task.build_model(data.num_classes, 0), p).to(device) for p in params]
-    train = UnlearnData(data.x_train.to(device), data.y_train.to(device))
-    x_targets = data.x_targets.to(device)
-    original = Cost(0.0, 0.0)
-    if method in DATAMODEL_METHODS:
-        watch = Stopwatch(device)
-        logits = StackedPack(models, forward).predict(x_targets)
-        original = Cost(watch.seconds() / len(models), FORWARD_PASS * data.n_targets)
-        inputs = {**inputs, "original_logits": list(logits)}
-    results = METHODS[method].packed(models, forward, train, forget_idx, seeds=seeds, **inputs, **hparams)
-    logits = StackedPack([r.model for r in results], forward).predict(x_targets).cpu().numpy()
-    return [(logits[g], original + r.cost, r.info) for g, r in enumerate(results)]
-
-
-def method_inputs(method: str, *, oracle_targets: np.ndarray | None, weight_rows: np.ndarray | None) -> dict:
-    """The method's inputs: OM's per-model targets (G, N, C) as a list of G arrays, the datamodel methods'
-    forget rows."""
-    if method == "oracle_matching":
-        return {"oracle_logits": list(oracle_targets)}
-    if method in DATAMODEL_METHODS:
-        return {"datamodel_weights": weight_rows}
-    return {}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # variants: a method with its hyperparameters, datamodel store and compute budget (a row of the report)
 
-# Each method's budget knob, scaled by unlearn.budgets (the others have epochs; do_nothing and dm_direct none).
-BUDGET_KEYS = {"mu_mis": "max_steps"}
-# MU-Mis's reasons to stop (info["stopped_by"]), stored as their index; -1: not MU-Mis.
-STOPPED_BY = ("delta", "max_steps", "non_finite")
-
-
-def budget_key(method: str) -> str | None:
-    key = BUDGET_KEYS.get(method, "epochs")
-    return key if key in METHODS[method].Hyperparameters.__dataclass_fields__ else None
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the report: `method` with hyperparameter overrides `hparams`, reading datamodel store
-    `datamodel` (the datamodel methods; else None), at `budget` times its tuned budget."""
-
-    method: str
-    hparams: dict
-    datamodel: str | None = None
-    budget: float = 1.0
-    # the label's datamodel part is shown when the run compares datamodels or uses one other than LASSO
-    show_datamodel: bool = False
-    # the tune stage's grid point (None: an evaluated variant)
-    grid_point: int | None = None
-
-    @property
-    def label(self) -> str:
-        dm = f"[{self.datamodel}]" if self.show_datamodel else ""
-        point = f"#{self.grid_point}" if self.grid_point is not None else ""
-        return self.method + dm + (f"@{self.budget:g}x" if self.budget != 1 else "") + point
-
-    @property
-    def store_name(self) -> str:
-        """The store's file name: the label in characters every object store and glob take literally."""
-        dm = f"__{self.datamodel}" if self.show_datamodel else ""
-        point = f"__g{self.grid_point}" if self.grid_point is not None else ""
-        return self.method + dm + (f"__x{self.budget:g}" if self.budget != 1 else "") + point
-
-    def describe(self) -> dict:
-        return {"label": self.label, "method": self.method, "hparams": self.hparams, "datamodel": self.datamodel,
-                "budget": self.budget}
-
-
-def parse_store_name(name: str) -> tuple[str, str, float]:
-    """(method, datamodel or "", budget) of a variant's store name: the inverse of `Variant.store_name`
-    (dm_matching__trak__x3 -> (dm_matching, trak, 3.0)); a tuning grid point's __g<i> is ignored."""
-    method, *parts = name.split("__")
-    datamodel, budget = "", 1.0
-    for part in parts:
-        if re.fullmatch(r"x[0-9.e+-]+", part):
-            budget = float(part[1:])
-        elif not re.fullmatch(r"g[0-9]+", part):
-            datamodel = part
-    return method, datamodel, budget
-
-
-def store_name_of(label: str) -> str:
-    """A variant's store name from its label as the report shows it: the inverse of `Variant.label`
-    (dm_matching[trak]@3x -> dm_matching__trak__x3)."""
-    return re.sub(r"@([0-9.e+-]+)x$", r"__x\1", label).replace("[", "__").replace("]", "")
-
-
-def scaled(method: str, hparams: dict, budget: float) -> dict:
-    """`hparams` with the method's budget knob multiplied by `budget` (rounded, at least 1); SCRUB's max-steps
-    stay within its epochs."""
-    key = budget_key(method)
-    if key is None or budget == 1:
-        return dict(hparams)
-    default = METHODS[method].Hyperparameters.__dataclass_fields__[key].default
-    out = {**hparams, key: max(1, round(hparams.get(key, default) * budget))}
-    if method == "scrub":
-        steps = hparams.get("max_steps", METHODS[method].Hyperparameters.__dataclass_fields__["max_steps"].default)
-        out["max_steps"] = min(steps, out["epochs"])
-    return out
-
-
-def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
-    """Every method of the config at every budget (where it has a budget knob) and, for the datamodel methods,
-    on every datamodel store; hyperparameters: the tune stage's choice where it made one, else unlearn.hparams."""
-    u = cfg.unlearn
-    show_dm = len(u.datamodels) > 1 or u.datamodels != ("lasso",)
-    out = []
-    for method in u.methods:
-        hp = chosen.get(method, u.hparams.get(method, {}))
-        for dm in u.datamodels if method in DATAMODEL_METHODS else (None,):
-            for b in sorted(u.budgets) if budget_key(method) else (1.0,):
-                out.append(Variant(method, scaled(method, hp, b), dm, float(b), show_dm and dm is not None))
-    return out
-
 
 def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: Variant) -> dict:
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-            "forget_set": {fs: forget_sets_stage.fingerprint(forget_idx)},
+            "forget_set": {fs: fingerprint(forget_idx)},
             "method": variant.method, "hparams": variant.hparams, "datamodel": variant.datamodel}
 
 
@@ -296,7 +84,7 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
     forward = None
     if METHODS[variant.method].packed is not None:
         forward = packed_forward(task, task.build_model(data.num_classes, 0), data.x_train[:1])
-    if forward is not None:  # packs of models as one computation (pipelines.training.pack_size_for)
+    if forward is not None:  # packs of models as one computation (pipelines.engine.training.pack_size_for)
         size = pack_size_for(device, stop - start)
         results = [r for i in range(0, stop - start, size)
                    for r in unlearn_pack(task, data, full_params[i:i + size], variant.method, forget_idx,
@@ -332,7 +120,6 @@ def time_retraining(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: T
     return np.array([result.seconds / n, n])
 
 
-RETRAIN_TIMING_STREAM = 3  # seed stream of the models per forget set that time retraining
 RETRAIN_TIMING = "_retrain_timing.zarr"  # unlearned/<fs>/: seconds to retrain one model (in a pack, attr "pack")
 
 
@@ -361,7 +148,7 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
     plans, units = {}, []
     for fs, idx in sets.items():
         for v in chosen:
-            # a reused run's complete store, read-only (pipelines.reuse), else this run's
+            # a reused run's complete store, read-only (pipelines.rundir.reuse), else this run's
             g = open_reused(ctx, root / fs / f"{v.store_name}.zarr", config(fs, idx, v), KIND)
             if g is None:
                 g = open_or_create(root / fs / f"{v.store_name}.zarr", unlearned_arrays(k, block, data), kind=KIND,
@@ -375,9 +162,6 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
     if not units:
         return stores
     if any(v.method == "oracle_matching" for v in chosen):
-        if cfg.models.om_target == "mean" and cfg.models.om_oracles < 1:
-            raise ConfigError("oracle_matching with models.om_target mean needs models.om_oracles >= 1 (the "
-                              "oracles whose mean it matches)")
         for fs in sets:
             if not om_ready(models, fs, ensemble, k):
                 raise StoreError(f"models.zarr has Oracle Matching's oracles for {fs!r} not done: run the "
@@ -399,20 +183,9 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
     return stores
 
 
-def load_tuned(run_dir, cfg: RunConfig) -> dict[str, dict]:
-    """The tune stage's choice, method -> hyperparameters ({} for a run without tune.grid); refuses a choice
-    made for another config."""
-    if not cfg.tune.grid:
-        return {}
-    from pipelines.stages import tune
-
-    return tune.load(run_dir, cfg)["chosen"]
-
-
 def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
-    check_methods(cfg)
-    sets = forget_sets_stage.load(ctx.run_dir)
+    sets = load_forget_sets(ctx.run_dir)
     chosen = variants(cfg, load_tuned(ctx.run_dir, cfg))
     run_variants(ctx, sets, chosen, root=ctx.run_dir / "unlearned", k=cfg.models.k, ensemble="oracle",
                  config=lambda fs, idx, v: unlearned_config(cfg, fs, idx, v), desc="unlearning")
@@ -421,7 +194,7 @@ def run(ctx: RunContext) -> None:
                                  {"seconds": ArraySpec((1,), "float64", (1,), float("nan")),
                                   "done": ArraySpec((1,), "bool", (1,), False)}, kind="retrain_timing",
                                  config={"seed": cfg.seed, "task": to_dict(cfg.task),
-                                         "forget_set": {fs: forget_sets_stage.fingerprint(idx)}})
+                                         "forget_set": {fs: fingerprint(idx)}})
               for fs, idx in sets.items()}
     units = [(fs, 0, 1) for fs, g in timing.items() if not g["done"][0]]
 
@@ -473,7 +246,6 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
     from unlearning.base import check_forget_idx
     from unlearning.metrics import accuracy
 
-    check_methods(cfg)
     task = get_task(cfg.task)
     data = task.load_data()
     if method not in METHODS or method == "retrain":
@@ -494,7 +266,7 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
     if method in DATAMODEL_METHODS:
         inputs = {"datamodel_weights": datamodel_rows(run_dir, cfg.unlearn.datamodels[0], idx, data)}
     elif method == "oracle_matching":
-        sets = forget_sets_stage.load(run_dir)
+        sets = load_forget_sets(run_dir)
         match = [fs for fs, f in sets.items() if np.array_equal(np.sort(f), np.sort(idx))]
         if not match:
             raise ConfigError("oracle_matching needs oracles retrained without this forget set, and the run has "
@@ -510,12 +282,11 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
                                                seed=method_seed(cfg.seed, model_index, "request", method),
                                                hparams=hp, inputs=inputs, device=default_device())
     labels = data.y_targets.numpy()
-    retain = np.setdiff1d(np.arange(data.n_train), idx)
-    test = np.arange(data.n_train, data.n_targets)
+    sets = point_sets(idx, data.n_train, data.n_targets)
 
     def accs(lg: np.ndarray) -> dict:
-        return {name: float(accuracy(lg[s], labels[s])) for name, s in
-                (("forget", idx), ("retain", retain), ("test", test))}
+        return {name: float(accuracy(lg[sets[key]], labels[sets[key]])) for name, key in
+                (("forget", "forget"), ("retain", "retain"), ("test", "validation"))}
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipelines.config import ConfigError
-from pipelines.tasks import DataError, Recipe, Task, TaskData
+from pipelines.tasks.base import DataError, Recipe, Task, TaskData
 
 RECIPE = Recipe(
     epochs=24,  # FFCV CIFAR-10 example / A2D

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.config import ConfigError
-from pipelines.tasks import Recipe, Task, TaskData, load_cached
+from pipelines.tasks.base import Recipe, Task, TaskData, load_cached
 
 # The MNIST-1D paper's recipe (Adam, lr 1e-2, batch 100, 6,000 steps = 150 epochs of 4,000 examples, constant lr).
 # Measured here on the full training set, 4 CNNs packed: 94.8% mean test accuracy (paper: ~94%); a 60-epoch

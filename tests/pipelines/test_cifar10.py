@@ -8,7 +8,7 @@ import torch
 
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import DataError, cifar10, get_task
-from pipelines.training import train_models
+from pipelines.engine.training import train_models
 
 
 def write_standin(root, per_batch=8, seed=0):

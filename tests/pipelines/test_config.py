@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import ConfigError, RunConfig, from_dict, load_config
-from pipelines.stages.unlearn import check_methods
+from pipelines.config import validate
 
 PRESETS = sorted(Path("pipelines/configs").glob("*.yaml"))
 
@@ -11,7 +11,7 @@ PRESETS = sorted(Path("pipelines/configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_presets_load_and_name_known_methods(path):
     cfg = load_config(path)
-    check_methods(cfg)
+    validate(cfg)
     assert cfg.stages[-1] == "report" and cfg.name == path.stem
 
 
@@ -42,4 +42,4 @@ def test_load_config_errors(tmp_path):
         load_config(bad)
     bad.write_text("unlearn: {methods: [dm_matchin]}\n")
     with pytest.raises(ConfigError, match="unknown unlearn.methods entry 'dm_matchin'"):
-        check_methods(load_config(bad))
+        validate(load_config(bad))

@@ -1,4 +1,4 @@
-"""`datamodels.drop_failed` (issue 11): a subsets store with failed rows is refused (one line, exit 2, naming
+"""`datamodels.drop_failed`: a subsets store with failed rows is refused (one line, exit 2, naming
 the rows and both ways out); with drop_failed the datamodels are fit without them and equal a fit on a store
 that holds only the surviving models (LASSO on a planted problem, TRAK on real subset models), and the stores
 record what they dropped."""
@@ -18,8 +18,10 @@ from attribution.store import StoreError, read
 from pipelines.cli import main
 from pipelines.config import DatamodelsConfig, to_dict
 from pipelines.stages import RunContext, datamodel_io, run_stages
-from pipelines.stages.datamodel_io import SubsetSource, split
-from pipelines.stages.subsets import SUBSET_TRAIN_STREAM, subsets_config
+from pipelines.rundir.layout import split
+from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
+from pipelines.stages.datamodel_io import SubsetSource
+from pipelines.stages.subsets import subsets_config
 from tests.conftest import small_config
 from tests.pipelines.test_datamodels import N_TRAIN, C, planted_run
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from torch import nn
 
-from pipelines import training
+from pipelines.engine import training
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import get_task
-from pipelines.training import train_models
+from pipelines.engine.training import train_models
 
 
 class Small(nn.Module):

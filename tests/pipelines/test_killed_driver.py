@@ -1,4 +1,4 @@
-"""Reliability (issue 11, item 6): every stage survives a killed driver. `dmu run CFG --stages <stage>` runs on a
+"""Reliability: every stage survives a killed driver. `dmu run CFG --stages <stage>` runs on a
 real local Ray in a subprocess (its own process group); once the stage's store has some units done and not all, the
 whole group gets SIGKILL (driver, Ray's processes, workers: nothing unwinds, the lock stays). A rerun of the same
 command takes the dead driver's lock over with a warning, redoes only the units not done, and leaves the stage's
@@ -35,7 +35,8 @@ from pipelines.config import (
     UnlearnConfig,
     to_dict,
 )
-from pipelines.stages import LOCK_NAME, RunContext, run_stages
+from pipelines.rundir.lock import LOCK_NAME
+from pipelines.stages import RunContext, run_stages
 from tests.conftest import small_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from pipelines.linear import (
+from pipelines.stages.linear import (
     LinearSettings,
     linear_experiment,
     main,

@@ -1,4 +1,4 @@
-"""Model quality recorded (issue 11): every trained model's final training loss and test accuracy are
+"""Model quality recorded: every trained model's final training loss and test accuracy are
 stored; a model with non-finite outputs is recorded as failed (not done), the stage finishes the others and
 exits non-zero naming the rows and seeds, a rerun retrains them; `dmu info` shows the accuracies and warns
 near chance; the datamodels stage refuses a store with failed rows."""
@@ -16,9 +16,10 @@ from attribution.store import StoreError
 from pipelines.cli import main
 from pipelines.config import DatamodelsConfig, RecipeConfig, to_dict
 from pipelines.stages import RunContext, run_stages
+from pipelines.rundir import seeds
+from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
 from pipelines.stages import models as models_stage
 from pipelines.stages import subsets as subsets_stage
-from pipelines.stages.subsets import SUBSET_TRAIN_STREAM
 from tests.conftest import small_config
 from tests.pipelines.test_stages import stage_config
 
@@ -174,8 +175,8 @@ def test_diverged_full_and_oracle_models_are_failed_then_retried(tmp_path, monke
                                                                                           batch_size=32)))
     config = write_config(cfg, tmp_path / "cfg.yaml")
     assert main(["run", config, "--stages", "forget_sets"]) == 0
-    full_seed = int(model_seeds(2, cfg.seed, models_stage.FULL_STREAM)[1])
-    oracle_seed = int(model_seeds(6, cfg.seed, models_stage.oracle_stream("random_10"))[3])
+    full_seed = int(model_seeds(2, cfg.seed, seeds.FULL_STREAM)[1])
+    oracle_seed = int(model_seeds(6, cfg.seed, seeds.oracle_stream("random_10"))[3])
     poison(monkeypatch, models_stage, {full_seed, oracle_seed})
     assert main(["run", config, "--stages", "models"]) == 2
     err = error_lines(capsys)

@@ -1,7 +1,7 @@
 """MU-Mis's full-class claim (docs/methods.md §5) on MNIST-1D, where it holds: the MLP.
 
 Forget accuracy ≈ 0 with retain and test accuracy within 3 points of retraining, using no retain data, with the
-method's default hyperparameters. On the CNN it does not hold (benchmarks/mumis_full_class.py, issue 4): MU-Mis
+method's default hyperparameters. On the CNN it does not hold (benchmarks/mumis_full_class.py): MU-Mis
 reaches forget accuracy 0 only by moving the other classes' logits through the shared convolutions.
 """
 
@@ -13,7 +13,7 @@ import torch
 from attribution.masks import model_seeds
 from pipelines.config import TaskConfig
 from pipelines.tasks import get_task
-from pipelines.training import load_state_vector, train_models
+from pipelines.engine.training import load_state_vector, train_models
 from unlearning import METHODS, UnlearnData
 
 K = 2

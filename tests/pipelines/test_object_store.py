@@ -1,4 +1,4 @@
-"""A run directory on an object store (issue 9): the whole pipeline with run_dir s3://..., against a local
+"""A run directory on an object store: the whole pipeline with run_dir s3://..., against a local
 S3-compatible server (moto's standalone server on 127.0.0.1, the `s3_server` fixture), writes the same stores
 bit for bit as a local run; plain zarr reads them; `dmu info / report / unlearn` take the URL; the datamodels
 stage reads and writes the store from Ray worker processes; an unreachable endpoint, missing credentials or a
@@ -23,7 +23,7 @@ import s3fs
 import zarr
 
 from attribution.store import as_path, close_object_stores, find_stores, open_group
-from pipelines import linear
+from pipelines.stages import linear
 from pipelines.cli import main
 from pipelines.config import DatamodelsConfig, ForgetSetsConfig, ModelsConfig, UnlearnConfig
 from pipelines.stages import RunContext, run_stages

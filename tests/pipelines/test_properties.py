@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) through the `dmu` CLI (issue 11 item 7): any config or forget-id input either works
+"""Property tests (hypothesis) through the `dmu` CLI: any config or forget-id input either works
 (exit 0) or gets one clear line `dmu: error: ...` and exit 2, never a traceback, and a deletion request never
 changes the run's stores.
 
@@ -28,7 +28,7 @@ from hypothesis.extra import numpy as hnp
 
 import pipelines.stages
 from pipelines.cli import main
-from pipelines.stages.unlearn import check_methods
+from pipelines.config import validate
 from tests.pipelines.test_stages import build_run
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -143,8 +143,8 @@ config_texts = st.one_of(
 
 def fake_stages() -> dict:
     """The real stage names; each a no-op except `unlearn`, which does what the real stage does before any work."""
-    stages = {name: (lambda ctx: None) for name in ("subsets", "datamodels", "forget_sets", "models", "report")}
-    stages["unlearn"] = lambda ctx: check_methods(ctx.cfg)
+    stages = {name: (lambda ctx: None) for name in pipelines.stages.STAGES}
+    stages["unlearn"] = lambda ctx: validate(ctx.cfg)
     return stages
 
 
@@ -152,7 +152,7 @@ def fake_stages() -> dict:
 @given(text=config_texts, stages=st.one_of(st.none(), st.just("unlearn"), st.just("forget_sets,unlearn"),
                                            st.just("bogus"), st.text(max_size=10).filter(lambda s: s[:1] != "-")))
 def test_any_config_works_or_is_one_error_line(text, stages):
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(pipelines.stages, "_stages", fake_stages):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(pipelines.stages.STAGES, fake_stages()):
         path = Path(tmp) / "config.yaml"
         path.write_text(text, encoding="utf-8")
         argv = ["run", str(path), "--run-dir", str(Path(tmp) / "run")] + ([f"--stages={stages}"] if stages else [])
@@ -167,7 +167,7 @@ def test_any_config_works_or_is_one_error_line(text, stages):
 def test_config_property_base_is_valid(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(BASE))
-    with mock.patch.object(pipelines.stages, "_stages", fake_stages):
+    with mock.patch.dict(pipelines.stages.STAGES, fake_stages()):
         assert call(["run", str(path), "--run-dir", str(tmp_path / "run")])[0] == 0
 
 

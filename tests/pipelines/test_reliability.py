@@ -1,4 +1,4 @@
-"""Reliability (issue 11): one `dmu run` per run directory (the lock), a bad cluster address fails fast, SIGTERM
+"""Reliability: one `dmu run` per run directory (the lock), a bad cluster address fails fast, SIGTERM
 unwinds as Ctrl-C and a rerun resumes, a store's creation is complete before it is declared, read-only arrays."""
 
 import json
@@ -20,7 +20,7 @@ from attribution.masks import sample_masks
 from attribution.store import StoreError, exists
 from pipelines.cli import main
 from pipelines.config import to_dict
-from pipelines.stages import LOCK_NAME, RunLock
+from pipelines.rundir.lock import LOCK_NAME, RunLock
 from tests.conftest import small_config
 from tests.pipelines.test_subsets import InterruptAfter, run_subsets
 
@@ -135,7 +135,7 @@ def test_hanging_join_exits_within_its_timeout(tmp_path):
         server.listen(16)
         address = f"127.0.0.1:{server.getsockname()[1]}"
         lock = tmp_path / "run" / LOCK_NAME
-        code = (f"import ray; from pipelines.stages import RunLock; from pipelines.executor import connect_ray\n"
+        code = (f"import ray; from pipelines.rundir.lock import RunLock; from pipelines.engine.executor import connect_ray\n"
                 f"RunLock({str(tmp_path / 'run')!r}).acquire()\nconnect_ray(ray, {address!r}, timeout=5)\n"
                 f"print('returned')")
         start = time.monotonic()

@@ -15,10 +15,10 @@ import zarr
 from scipy.stats import entropy
 
 from attribution.store import ArraySpec, StoreError, open_or_create
-from pipelines.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, grid_edges
-from pipelines.linear import linear_experiment
+from pipelines.report.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, grid_edges
+from pipelines.stages.linear import linear_experiment
 from pipelines.report import build_report
-from pipelines.stages.models import stored_oracle_rows
+from pipelines.rundir.layout import stored_oracle_rows
 from unlearning.klom import N_BINS, klom, klom_intervals, klom_summary, margins, oracle_floor
 from unlearning.metrics import lira_mia, per_example_loss, population_mia
 
@@ -312,7 +312,7 @@ def test_metrics_json_and_markdown(run):
     assert on_disk["datamodels"]["lasso"]["lds_mean"] == 0.41
     assert on_disk["linear"]["methods"]["om"]["label"] == "OM (all points)"
     md = (out / "report.md").read_text()
-    # LDS on test targets first, training targets in their own column (issue 10); TRAK lacks them: dashes
+    # LDS on test targets first, training targets in their own column; TRAK lacks them: dashes
     assert "| lasso | 0.312 | 0.287 | 0.623 | 300: 0.27, 600: 0.37, 1200: 0.45 |" in md
     assert "| trak | – | – | – | 10: 0.32, 50: 0.48 |" in md
     for fs in FORGET_SETS:
@@ -479,9 +479,9 @@ def test_diverged_models_are_left_out_and_named(run, tmp_path):
 
 def test_every_curve_has_its_own_colour_and_marker():
     """mnist1d.yaml draws 11 curves (two datamodels for DM-Direct and DMM): no two may look alike."""
-    from pipelines.plots import MARKERS, _colors
+    from pipelines.report.plots import MARKERS, method_colors
 
     names = ["do_nothing", "dm_direct[lasso]", "dm_direct[trak]", "dm_matching[lasso]", "dm_matching[trak]",
              "oracle_matching", "mu_mis", "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub"]
-    colors = _colors({"forget_sets": {"a": {"methods": {n: {} for n in names}}}})
+    colors = method_colors({"forget_sets": {"a": {"methods": {n: {} for n in names}}}})
     assert len(colors) == 11 and len(set(colors.values())) == 11 and len(MARKERS) >= 11

@@ -1,4 +1,4 @@
-"""Reuse across runs (issue 13, pipelines.reuse): a run reads, read-only, the stores of another run whose config
+"""Reuse across runs (pipelines.rundir.reuse): a run reads, read-only, the stores of another run whose config
 matches and computes only what differs. A tiny base run (every stage to unlearn, serial executor), then runs that
 reuse it: a changed unlearning hyperparameter retrains nothing upstream (links.json, no such stores in the new
 directory, training spied on) and recomputes only that method; a changed models.k recomputes the models (and drops
@@ -21,7 +21,8 @@ import yaml
 import zarr
 
 from attribution.store import location, normalise_config
-from pipelines import linear, open_run
+from pipelines import open_run
+from pipelines.stages import linear
 from pipelines.cli import main
 from pipelines.config import (
     DatamodelsConfig,
@@ -30,7 +31,7 @@ from pipelines.config import (
     UnlearnConfig,
     to_dict,
 )
-from pipelines.reuse import read_links, reuse_store, store_path
+from pipelines.rundir.reuse import read_links, reuse_store, store_path
 from pipelines.stages import RunContext
 from tests.conftest import small_config
 from tests.pipelines.test_stages import run

@@ -18,16 +18,13 @@ from attribution.store import ArraySpec, StoreError, open_or_create
 from pipelines.cli import main
 from pipelines.config import ConfigError, ForgetSetsConfig, ModelsConfig, UnlearnConfig
 from pipelines.stages import RunContext, run_stages
-from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages.forget_sets import (
-    class_forget_set,
-    pc_forget_sets,
-    principal_component_scores,
-    random_forget_set,
-)
-from pipelines.stages.models import FULL_STREAM, om_targets, oracle_rows, oracle_stream
+from attribution.svd import principal_component_scores
+from pipelines.rundir import layout
+from pipelines.rundir.layout import om_targets, oracle_rows
+from pipelines.rundir.seeds import FULL_STREAM, oracle_stream
+from pipelines.stages.forget_sets import class_forget_set, pc_forget_sets, random_forget_set
 from pipelines.tasks import get_task
-from pipelines.training import load_state_vector, predict_logits, train_models
+from pipelines.engine.training import load_state_vector, predict_logits, train_models
 from tests.conftest import small_config
 from tests.pipelines.test_subsets import InterruptAfter
 from unlearning import METHODS
@@ -119,7 +116,7 @@ def test_random_forget_sets_are_seeded_sorted_unique():
 def test_forget_sets_stage_writes_sizes_and_class_set(tmp_path):
     cfg = stage_config(tmp_path, random_sizes=(5, 20), full_class=3)
     ctx = run(cfg, ["forget_sets"])
-    sets = forget_sets_stage.load(ctx.run_dir)
+    sets = layout.load_forget_sets(ctx.run_dir)
     assert list(sets) == ["random_5", "random_20", "class_3"]
     labels = ctx.data.y_train.numpy()
     assert sets["class_3"].tolist() == [i for i in range(200) if labels[i] == 3]  # by hand
@@ -168,7 +165,7 @@ def test_forget_sets_stage_reads_the_margin_datamodel_matrix(tmp_path):
     margin_weights[:, :200] = matrix.T
     write_datamodels(ctx, margin_weights=margin_weights)
     run(cfg, ["forget_sets"])
-    sets = forget_sets_stage.load(ctx.run_dir)
+    sets = layout.load_forget_sets(ctx.run_dir)
     assert set(sets) == {"pc1_top15", "pc2_top15"}
     np.testing.assert_array_equal(sets["pc1_top15"], block1)
     np.testing.assert_array_equal(sets["pc2_top15"], block2)
@@ -177,7 +174,7 @@ def test_forget_sets_stage_reads_the_margin_datamodel_matrix(tmp_path):
 def test_changed_forget_sets_config_is_refused(tmp_path):
     cfg = stage_config(tmp_path)
     run(cfg, ["forget_sets"])
-    path = forget_sets_stage.path(cfg.resolved_run_dir())
+    path = layout.forget_sets_path(cfg.resolved_run_dir())
     before = path.read_bytes()
     changed = dataclasses.replace(cfg, forget_sets=ForgetSetsConfig(random_sizes=(20,), full_class=0))
     with pytest.raises(StoreError, match=r"forget_sets\.random_sizes \(\[10\] -> \[20\]\)"):
@@ -193,7 +190,7 @@ def test_models_train_on_the_right_examples(pipeline):
     Full models use every training example; oracles every example but the forget set."""
     cfg, ctx, _ = pipeline
     task, data, g = get_task(cfg.task), ctx.data, models_store(ctx)
-    forget = forget_sets_stage.load(ctx.run_dir)["class_0"]
+    forget = layout.load_forget_sets(ctx.run_dir)["class_0"]
     oracle_mask = np.ones(200, bool)
     oracle_mask[forget] = False
     full = train_models(task, data, np.ones((2, 200), bool), model_seeds(2, cfg.seed, FULL_STREAM),
@@ -246,7 +243,7 @@ def test_floor_oracles_follow_and_leave_the_other_rows_unchanged(tmp_path, pipel
     g = models_store(ctx)
     assert g.attrs["floor_oracles"] is True and oracle_rows(K, OM_ORACLES, True)["floor"] == slice(4, 6)
     task, data = get_task(cfg.task), ctx.data
-    forget = forget_sets_stage.load(ctx.run_dir)["random_10"]
+    forget = layout.load_forget_sets(ctx.run_dir)["random_10"]
     mask = np.ones(200, bool)
     mask[forget] = False
     floor = train_models(task, data, np.repeat(mask[None], K, 0),
@@ -312,7 +309,7 @@ def test_unlearn_writes_every_store(pipeline):
 def test_do_nothing_and_dm_direct_logits(pipeline):
     cfg, ctx, weights = pipeline
     full = models_store(ctx)["full/logits"][:]
-    for fs, idx in forget_sets_stage.load(ctx.run_dir).items():
+    for fs, idx in layout.load_forget_sets(ctx.run_dir).items():
         np.testing.assert_array_equal(unlearned_store(ctx, fs, "do_nothing")["logits"][:], full)
         # DM-Direct (docs/methods.md §3): full logits minus the summed datamodel weights of the forget points
         expected = full.astype(np.float64) - weights[idx].astype(np.float64).sum(0)

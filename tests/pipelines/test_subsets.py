@@ -10,7 +10,7 @@ from attribution.masks import sample_masks
 from attribution.store import StoreError
 from pipelines.cli import main
 from pipelines.config import RecipeConfig
-from pipelines.executor import SerialExecutor
+from pipelines.engine.executor import SerialExecutor
 from pipelines.stages import RunContext, run_stages
 from tests.conftest import small_config
 

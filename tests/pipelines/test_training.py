@@ -10,7 +10,7 @@ from torch.func import stack_module_state
 
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import get_task
-from pipelines.training import load_state_vector, minibatch_streams, state_vector, train_models
+from pipelines.engine.training import load_state_vector, minibatch_streams, state_vector, train_models
 
 
 @pytest.mark.parametrize("arch", ["cnn", "mlp"])
@@ -101,8 +101,8 @@ def test_each_model_trains_alike_whatever_the_pack_size():
 def test_tasks_do_not_import_the_engine():
     """pipelines.tasks owns Task, TaskData and Recipe; the engine imports them (and re-exports Recipe)."""
     code = ("import sys, pipelines.tasks.mnist1d, pipelines.tasks.cifar10; "
-            "assert 'pipelines.training' not in sys.modules, 'pipelines.tasks imports the engine'; "
-            "from pipelines.training import Recipe; assert Recipe is pipelines.tasks.Recipe")
+            "assert 'pipelines.engine.training' not in sys.modules, 'pipelines.tasks imports the engine'; "
+            "from pipelines.engine.training import Recipe; assert Recipe is pipelines.tasks.Recipe")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 

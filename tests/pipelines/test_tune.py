@@ -13,9 +13,10 @@ import zarr
 
 from attribution.store import StoreError
 from pipelines.config import TuneConfig, UnlearnConfig
-from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.report.evaluate import json_safe
+from pipelines.rundir import layout
+from pipelines.rundir.variants import Variant, parse_store_name, store_name_of
 from pipelines.stages import tune as tune_stage
-from pipelines.stages.unlearn import Variant, parse_store_name, store_name_of
 from tests.pipelines.test_stages import run, stage_config, write_datamodels
 from unlearning import METHODS as ALL
 from unlearning.klom import klom, margins
@@ -42,8 +43,8 @@ def tuned(tmp_path_factory):
 
 def test_tuning_sets_are_disjoint_from_every_evaluated_set(tuned):
     cfg, ctx = tuned
-    evaluated = forget_sets_stage.load(ctx.run_dir)
-    tuning = forget_sets_stage.load(ctx.run_dir, "tuning")
+    evaluated = layout.load_forget_sets(ctx.run_dir)
+    tuning = layout.load_forget_sets(ctx.run_dir, "tuning")
     assert set(tuning) == {"tune_random_10", "tune_class_1"}
     used = np.concatenate(list(evaluated.values()))
     for name, idx in tuning.items():
@@ -69,7 +70,7 @@ def test_choice_is_the_argmin_of_klom_recomputed_from_the_stores(tuned):
         scores = []
         for i, entry in enumerate(entries):
             per_set = []
-            for fs, idx in forget_sets_stage.load(ctx.run_dir, "tuning").items():
+            for fs, idx in layout.load_forget_sets(ctx.run_dir, "tuning").items():
                 oracle = margins(models[f"tuning/{fs}/logits"][:2], labels)
                 logits = zarr.open_group(str(ctx.run_dir / "tune" / fs / f"{method}__g{i}.zarr"), mode="r")["logits"]
                 values = klom(margins(logits[:], labels), oracle)
@@ -115,7 +116,7 @@ def test_poisoned_evaluation_oracles_leave_the_choice_unchanged(tuned, tmp_path)
     (copy / "tune.json").unlink()
     models = zarr.open_group(str(copy / "models.zarr"), mode="r+")
     rng = np.random.default_rng(0)
-    for fs in forget_sets_stage.load(copy):  # every evaluated set's oracles: garbage
+    for fs in layout.load_forget_sets(copy):  # every evaluated set's oracles: garbage
         logits = models[f"oracle/{fs}/logits"]
         logits[:] = rng.standard_normal(logits.shape).astype(np.float32) * 100
     run(dataclasses.replace(cfg, run_dir=str(copy)), ["tune"])
@@ -131,7 +132,7 @@ def test_unlearn_refuses_without_the_tune_stage(tmp_path):
     other = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, grid={"gradient_ascent": {"lr": [1e-3]}}))
     run(cfg, ["tune"])
     with pytest.raises(StoreError, match=r"tune\.json was made with a different config \(.*grid"):
-        tune_stage.load(ctx.run_dir, other)
+        layout.load_tune(ctx.run_dir, other)
 
 
 def test_lasso_and_trak_datamodels_side_by_side(tmp_path):
@@ -143,7 +144,7 @@ def test_lasso_and_trak_datamodels_side_by_side(tmp_path):
     weights = {name: write_datamodels(ctx, seed=seed, name=name) for seed, name in ((0, "lasso"), (1, "trak"))}
     run(cfg, ["unlearn", "report"])
     full = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")["full/logits"][:]
-    idx = forget_sets_stage.load(ctx.run_dir)["random_10"]
+    idx = layout.load_forget_sets(ctx.run_dir)["random_10"]
     for name, w in weights.items():
         g = zarr.open_group(str(ctx.run_dir / "unlearned" / "random_10" / f"dm_direct__{name}.zarr"), mode="r")
         assert g.attrs["label"] == f"dm_direct[{name}]" and g.attrs["datamodel"] == name
@@ -179,4 +180,4 @@ def test_a_diverging_grid_point_scores_infinite():
     logits[2, 5, 1] = np.nan
     score, per_set = tune_stage.score(logits, oracle, labels, sets)
     assert np.isfinite(finite_score) and score == np.inf and set(per_set.values()) == {np.inf}
-    assert json.loads(json.dumps(tune_stage.json_safe({"score": score})))["score"] is None
+    assert json.loads(json.dumps(json_safe({"score": score})))["score"] is None

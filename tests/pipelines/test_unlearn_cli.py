@@ -13,9 +13,9 @@ import zarr
 
 from pipelines.cli import main
 from pipelines.stages import RunContext
-from pipelines.stages import forget_sets as forget_sets_stage
+from pipelines.rundir import layout
 from pipelines.tasks import get_task
-from pipelines.training import predict_logits
+from pipelines.engine.training import predict_logits
 from tests.pipelines.test_stages import build_run, write_datamodels
 
 
@@ -81,7 +81,7 @@ def test_dm_direct_request_writes_its_predicted_logits(served, tmp_path, capsys)
 def test_oracle_matching_request_finds_the_runs_oracles(served, tmp_path):
     _, ctx, _ = served
     ids = tmp_path / "class0.npy"
-    np.save(ids, forget_sets_stage.load(ctx.run_dir)["class_0"][::-1].copy())  # same set, other order
+    np.save(ids, layout.load_forget_sets(ctx.run_dir)["class_0"][::-1].copy())  # same set, other order
     assert unlearn(ctx.run_dir, ids, "oracle_matching", tmp_path / "om.pt") == 0
     assert "state_dict" in torch.load(tmp_path / "om.pt")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipelines.config import RecipeConfig, TaskConfig
-from pipelines.stages.unlearn import unlearn_model, unlearn_pack
+from pipelines.engine.apply import unlearn_model, unlearn_pack
 from pipelines.tasks import get_task
-from pipelines.training import packed_forward, state_vector, train_models
+from pipelines.engine.training import packed_forward, state_vector, train_models
 
 FORGET = np.array([1, 5, 9, 20, 33, 47, 58, 71, 80, 99])
 

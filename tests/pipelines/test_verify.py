@@ -1,4 +1,4 @@
-"""`dmu info --verify RUN` (issue 11): re-reads every store of a run by blocks; a clean run verifies, and a
+"""`dmu info --verify RUN`: re-reads every store of a run by blocks; a clean run verifies, and a
 corrupt or truncated chunk file, a flipped mask bit, a NaN in a done row, an edited config each give exit 2
 with one line naming store, array and chunk or rows. A corrupt chunk read by a stage is the same one line."""
 

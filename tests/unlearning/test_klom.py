@@ -362,7 +362,7 @@ def test_default_convention_is_unchanged():
     np.testing.assert_allclose(values, reference, rtol=1e-10, atol=1e-12)
     # The other direction swaps the roles in the default convention too.
     np.testing.assert_array_equal(klom(u, o, direction="unlearned||oracle"), klom(o, u))
-    # At 8 vs 8 the conventions differ by more than 2 on some points (issue 10 item 9 measured 2.4).
+    # At 8 vs 8 the conventions differ by more than 2 on some points (2.4 measured).
     g = rng.normal(size=(8, 500)), rng.normal(0.5, 1.3, size=(8, 500))
     assert np.max(np.abs(kl(*g) - kl(*g, convention="edub"))) > 2.0
     with pytest.raises(ValueError, match="convention must be one of"):

@@ -1,12 +1,12 @@
 """Evaluating a run: the numbers of the report, computed from the stores. Reads forget_sets.json, models.zarr,
 unlearned/<fs>/<method>.zarr and the attrs of datamodels/<method>.zarr (LDS); writes nothing. `evaluate_run`
 returns the metrics dict (KLOM, accuracies, MIA and cost of every unlearning method on every forget set, the
-oracle floor, retraining, LDS; pipelines/report.py writes it as metrics.json and renders it) and the per-point
+oracle floor, retraining, LDS; report.markdown writes it as metrics.json and renders it) and the per-point
 KLOM on the forget points (for the plots).
 
 KLOM compares K unlearned models with the first K oracles of a forget set, the reference (docs/methods.md §4); the
 next om_oracles oracles are Oracle Matching's targets and are never used here, so OM is not scored against the
-models it matched. The oracle floor is the K floor oracles that follow (pipelines/stages/models.py) scored against
+models it matched. The oracle floor is the K floor oracles that follow (pipelines.rundir.layout.oracle_rows) scored against
 the reference like a method, K vs K; a run without them falls back to two disjoint halves of the reference, K/2
 vs K/2, which reads higher from sampling noise alone (docs/methods.md §8).
 """
@@ -22,9 +22,9 @@ from joblib import Parallel, delayed
 
 from attribution.store import StoreError, as_path, open_store, read
 from pipelines.config import UnlearnConfig
-from pipelines.reuse import store_path, stores_in
-from pipelines.stages.models import om_rows, stored_oracle_rows
-from pipelines.stages.unlearn import STOPPED_BY, parse_store_name
+from pipelines.rundir.reuse import store_path, stores_in
+from pipelines.rundir.layout import om_rows, point_sets, stored_oracle_rows
+from pipelines.rundir.variants import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import floor_halves, klom, klom_intervals, klom_summary, margins, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
@@ -52,8 +52,8 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
     """
     run_dir = as_path(run_dir)
     models = open_store(store_path(run_dir, "models.zarr"), "models")  # a reused run's where linked
-    info = _run_info(models)
-    labels = _check_labels(labels, info)
+    info = run_info(models)
+    labels = check_labels(labels, info)
     skipped: list[str] = []
     forget_sets, per_point = {}, {}
     # the full models' margins, read once: every forget set's membership test fits its "in" distribution on them
@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
 # reading the stores
 
 
-def _run_info(models) -> dict:
+def run_info(models) -> dict:
     attrs = models.attrs
     missing = [key for key in ("k", "n_train", "n_targets", "num_classes", "epochs") if key not in attrs]
     if missing:
@@ -89,7 +89,7 @@ def _run_info(models) -> dict:
             "test": (int(test[0]), int(test[1]))}
 
 
-def _check_labels(labels, info: dict) -> np.ndarray:
+def check_labels(labels, info: dict) -> np.ndarray:
     y = np.asarray(labels)
     if y.shape != (info["t"],):
         raise ValueError(f"labels must hold one label per target, shape ({info['t']},) (training examples, "
@@ -108,18 +108,18 @@ def _load_forget_sets(run_dir: Path) -> dict[str, dict]:
     return json.loads(path.read_text())["sets"]
 
 
-def _method_order(names) -> list[str]:
+def method_order(names) -> list[str]:
     known = [m for m in METHOD_ORDER if m in names]
     return known + sorted(set(names) - set(known))
 
 
 def _method_stores(run_dir: Path, folder: str) -> dict[str, Path]:
-    """The unlearned stores of `folder` (unlearned/<fs>), the run's own and those it reuses (pipelines.reuse),
+    """The unlearned stores of `folder` (unlearned/<fs>), the run's own and those it reuses (pipelines.rundir.reuse),
     by store name (a variant's `store_name`: dm_matching, dm_matching__trak__x3), in method order, then
     datamodel and budget; names starting with "_" are not methods (_retrain_timing.zarr)."""
     found = {p.name[: -len(".zarr")]: p for p in stores_in(run_dir, folder).values() if not p.name.startswith("_")}
     parsed = {name: parse_store_name(name) for name in found}
-    methods = _method_order({method for method, _, _ in parsed.values()})
+    methods = method_order({method for method, _, _ in parsed.values()})
     order = sorted(found, key=lambda n: (methods.index(parsed[n][0]), parsed[n][1], parsed[n][2]))
     return {n: found[n] for n in order}
 
@@ -213,9 +213,8 @@ def _avg_gap(acc: dict, retrain: dict) -> float:
 def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped, full_margins):
     """metrics and per-point KLOM on the forget points for one forget set; None if its oracles are missing."""
     k, n = info["k"], info["n"]
-    forget = np.unique(np.asarray(entry["indices"], dtype=np.int64))
-    sets = {"forget": forget, "retain": np.setdiff1d(np.arange(n), forget),
-            "validation": np.arange(*info["test"])}
+    sets = point_sets(entry["indices"], n, info["t"])
+    forget = sets["forget"]
     if f"oracle/{fs}/done" not in models or not np.asarray(models[f"oracle/{fs}/done"][:k]).all():
         skipped.append(f"forget set {fs}: its first {k} oracles are not all trained (run the models stage)")
         return None
@@ -257,7 +256,7 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         method = store.attrs.get("method", name)
         # A model whose unlearning diverged (non-finite logits: gradient ascent past its budget) has no margins:
         # the variant is scored over the others and the report names how many diverged.
-        finite = np.isfinite(logits).reshape(len(logits), -1).all(1)
+        finite = finite_models(logits)
         if not finite.any():
             skipped.append(f"{fs}/{label}: all {len(finite)} models diverged (non-finite logits): nothing to score")
             continue
@@ -289,6 +288,12 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
         skipped.append(f"forget set {fs}: no finished unlearned stores")
     return ({"size": int(entry.get("size", len(forget))), "how": entry.get("how", ""), "methods": methods,
              "oracle_floor": floor, "retrain": retrain}, per_point)
+
+
+def finite_models(logits: np.ndarray) -> np.ndarray:
+    """(K,) bool: the models whose logits (K, T, C) are all finite. A model whose unlearning diverged
+    (gradient ascent past its budget) has no margins: a variant is scored over the others."""
+    return np.isfinite(logits).reshape(len(logits), -1).all(1)
 
 
 def _retrain(run_dir, models, fs, oracle_logits, labels, sets, info, seed) -> dict:
@@ -407,7 +412,7 @@ def _intervals(method_margins, oracle_margins, sets, seed) -> dict | None:
 
 
 
-def _floor_label(floor: dict) -> str:
+def floor_label(floor: dict) -> str:
     n = floor["n_models_per_side"]
     return f"oracle floor ({n} vs {n})"
 

@@ -32,8 +32,7 @@ points.
 Measured (`dmu linear`, 5 seeds, defaults): OM reaches 1% in 25-30 iterations, GD in 2,040-2,160 (about 75x
 more), OM-retain and GD + GA never do.
 
-A choice that differs from issue 5's wording (which adds lambda ||theta||^2 to OM): the OM objectives match
-outputs only by default. With the ridge term (`om_l2=True`, `--om-l2`) the OM optimum moves to
+The OM objectives match outputs only, by default. With the ridge term (`om_l2=True`, `--om-l2`) the OM optimum moves to
 (X^T X/n + lambda I)^-1 X^T X theta_R / n, 1.5-5.5% of the initial distance away from theta_R at
 lambda = 2e-2 (so it never reaches 1%), and OM-retain becomes GD on the retain loss up to a constant
 2 lambda theta_R in the gradient (theta_R solves the retain ridge problem), which hides the seed's
@@ -225,37 +224,6 @@ def linear_experiment(n: int = 100, d: int = 400, n_forget: int = 5, iters: int 
     }
 
 
-def plot_linear(result: dict, path) -> None:
-    """Relative distance to theta_R vs iteration (log scale), one line per method (geometric mean over seeds),
-    shaded between the best and worst seed; the dashed line is the tolerance."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    initial = np.array(result["initial_distance"], dtype=float)[:, None]
-    for name, entry in result["methods"].items():
-        per_seed = np.array([[np.nan if v is None else v for v in c] for c in entry["per_seed"]], dtype=float)
-        rel = np.clip(per_seed / initial, 1e-16, None)  # float64 round-off floor; keeps the log axis finite
-        steps = np.arange(rel.shape[1])
-        center = np.exp(np.log(rel).mean(axis=0))
-        (line,) = ax.plot(steps, center, label=entry["label"], lw=1.6)
-        ax.fill_between(steps, rel.min(axis=0), rel.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
-    ax.axhline(result["tolerance"], color="grey", ls="--", lw=1, label=f"tolerance ({result['tolerance']:g})")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(r"$\|\theta_t-\theta_R\| \,/\, \|\theta_{full}-\theta_R\|$")
-    s = result["settings"]
-    ax.set_title(f"Unlearning {s['n_forget']} of {s['n']} points, d = {s['d']}, "
-                 f"{len(result['seeds'])} seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    from pipelines.report import save_figure  # a local path, or a run's report/ on an object store
-
-    save_figure(fig, path, dpi=120)
-
-
 def _table(result: dict) -> str:
     lines = [f"{'method':28s} {'iterations to tolerance (per seed)':36s} {'final':>9s} {'closest':>9s}"]
     for entry in result["methods"].values():
@@ -273,7 +241,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="dmu linear",
         description="Seed Figure 3: distance to the retrained optimum of GD, GD + GA, OM and OM-retain on a "
-                    "ridge model (pipelines/linear.py explains the settings).")
+                    "ridge model (pipelines/stages/linear.py explains the settings).")
     defaults = LinearSettings()
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--out", metavar="PNG", help="save the figure here")
@@ -289,6 +257,8 @@ def main(argv=None) -> int:
     result = linear_experiment(iters=args.iters, seeds=tuple(range(args.seeds)), l2=args.l2,
                                ascent_weight=args.ascent_weight, tolerance=args.tolerance, om_l2=args.om_l2)
     if args.out:
+        from pipelines.report.plots import plot_linear
+
         plot_linear(result, args.out)
     if args.json:
         json.dump(result, sys.stdout)

@@ -1,8 +1,7 @@
-"""The run's report: KLOM, accuracies, MIA and cost of every unlearning method on every forget set, as tables
-and plots a person reads. Last step of the data flow: `build_report` evaluates the run (pipelines/evaluate.py
-reads forget_sets.json, models.zarr, unlearned/<fs>/<method>.zarr and datamodels/<method>.zarr), plots it
-(pipelines/plots.py) and renders the markdown (here); writes runs/<name>/report/{report.md, metrics.json, *.png}
-and returns the metrics. How KLOM and the oracle floor are scored: pipelines/evaluate.py.
+"""The run's report as a person reads it: `build_report` evaluates the run (report.evaluate reads forget_sets.json,
+models.zarr, unlearned/<fs>/<method>.zarr and datamodels/<method>.zarr), plots it (report.plots) and renders the
+markdown (here); writes runs/<name>/report/{report.md, metrics.json, *.png} and returns the metrics. How KLOM and
+the oracle floor are scored: report.evaluate.
 """
 
 from __future__ import annotations
@@ -13,11 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from attribution.store import as_path, make_dirs, write_text
-from pipelines.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, _floor_label, evaluate_run, json_safe
-from pipelines.evaluate import _check_labels as _check_labels  # re-exported: pipelines.api
-from pipelines.evaluate import _run_info as _run_info  # re-exported: pipelines.api
-from pipelines.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve
-from pipelines.plots import save_figure as save_figure  # re-exported: pipelines.linear
+from pipelines.report.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, evaluate_run, floor_label, json_safe
+from pipelines.report.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve, plot_linear
 from unlearning.metrics import MIA_FOLDS
 
 
@@ -27,7 +23,7 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
 
     run_dir: the run directory (a local path or an object-store URL); labels: (T,) integer labels of all targets
     (training examples, then test); seed: seeds the oracle floor's random halves (when it falls back to them)
-    and the MIA's subsampling and folds; linear: the result of pipelines.linear.linear_experiment, plotted and summarised when given.
+    and the MIA's subsampling and folds; linear: the result of pipelines.stages.linear.linear_experiment, plotted and summarised when given.
     Writes run_dir/report/{report.md, metrics.json, klom_vs_cost.png, klom_distributions.png, lds_curve.png
     (when an LDS curve is stored), linear.png (when `linear` is given)}.
     """
@@ -48,8 +44,6 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
         plot_lds_curve(metrics["datamodels"], out / "lds_curve.png")
         plots["LDS curve"] = "lds_curve.png"
     if linear is not None:
-        from pipelines.linear import plot_linear
-
         plot_linear(linear, out / "linear.png")
         plots["Linear model (seed Figure 3)"] = "linear.png"
     metrics = json_safe(metrics)
@@ -127,7 +121,7 @@ def _table(fs_metrics: dict) -> list[str]:
     r = fs_metrics["retrain"]
     row("retrain (oracles)", None, r["accuracy"], None, r["mia"], None, r["cost"])
     if floor is not None:
-        row(_floor_label(floor), floor, None, None, None, None, None, is_floor=True)
+        row(floor_label(floor), floor, None, None, None, None, None, is_floor=True)
     return lines
 
 
@@ -274,7 +268,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines += ["## Linear model (seed Figure 3)", "",
                   f"Ridge regression, {s.get('n')} points in {s.get('d')} dimensions, unlearning "
                   f"{s.get('n_forget')}; iterations until ||theta_t - theta_R|| <= {lin['tolerance']:g} x "
-                  "||theta_full - theta_R|| (per seed; pipelines/linear.py explains the settings).", "",
+                  "||theta_full - theta_R|| (per seed; pipelines/stages/linear.py explains the settings).", "",
                   "| method | iterations to tolerance (per seed) | closest (median, relative) |",
                   "|---|---|---|"]
         for e in lin["methods"].values():

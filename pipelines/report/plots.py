@@ -1,4 +1,4 @@
-"""The report's plots: reads the metrics dict and the per-point KLOM of pipelines/evaluate.py (evaluate_run);
+"""The report's plots: reads the metrics dict and the per-point KLOM of report.evaluate (evaluate_run);
 writes PNG files (a local path or an object-store URL) and returns nothing. matplotlib's object API with the Agg
 canvas: no pyplot global state, no display needed.
 """
@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from attribution.store import as_path, is_local
-from pipelines.evaluate import POINT_SETS, _floor_label, _method_order
+from pipelines.report.evaluate import POINT_SETS, floor_label, method_order
 
 # Methods that cost no example passes (do_nothing, dm_direct) sit at this x on the log-scale cost axis.
 ZERO_COST_X = 1e-4
@@ -44,12 +44,12 @@ def _series(label: str) -> str:
     return label.split("@")[0]
 
 
-def _colors(metrics: dict) -> dict[str, tuple]:
+def method_colors(metrics: dict) -> dict[str, tuple]:
     """One colour per method (per curve: a method on one datamodel store), the same in every panel and plot."""
     from matplotlib import colormaps
 
     labels = {_series(m) for fs in metrics["forget_sets"].values() for m in fs["methods"]}
-    names = sorted(labels, key=lambda n: (_method_order({x.split("[")[0] for x in labels}).index(n.split("[")[0]), n))
+    names = sorted(labels, key=lambda n: (method_order({x.split("[")[0] for x in labels}).index(n.split("[")[0]), n))
     # tab10's colours while they suffice; past 10 curves (mnist1d.yaml has 11), tab20's 20 distinct ones
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
@@ -90,7 +90,7 @@ def plot_klom_vs_cost(metrics: dict, path) -> dict:
     its compute budgets; the grey band is the oracle floor (what retraining itself scores), the star
     retraining at cost 1. Returns the plotted data (klom_vs_cost_data)."""
     data = klom_vs_cost_data(metrics)
-    colors = _colors(metrics)
+    colors = method_colors(metrics)
     order = list(colors)
     fig, axes = _figure(len(data) * len(FIGURE2_PANELS), panel_size=(3.9, 3.3), ncols_max=len(FIGURE2_PANELS),
                         extra_width=2.4)
@@ -132,10 +132,10 @@ def plot_klom_vs_cost(metrics: dict, path) -> dict:
 def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
     """Per forget set: box plots of per-point KLOM on the forget points, one box per method and the oracle
     floor; whiskers at the 5th and 95th percentiles, so the right whisker is the headline p95."""
-    colors = _colors(metrics)
+    colors = method_colors(metrics)
     fig, axes = _figure(len(per_point), panel_size=(5.0, 0.42 * (len(colors) + 2) + 1.4), sharex=True)
     for ax, (fs, values) in zip(axes, per_point.items()):
-        names = _method_order([n for n in values if n != "oracle floor"])
+        names = method_order([n for n in values if n != "oracle floor"])
         names += ["oracle floor"] if "oracle floor" in values else []
         data = [values[n] for n in names]
         box = ax.boxplot(data, vert=False, whis=(5, 95), showfliers=True, patch_artist=True, widths=0.6,
@@ -145,7 +145,7 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
             patch.set_alpha(0.75)
         floor = metrics["forget_sets"][fs]["oracle_floor"]
         ax.set_yticks(range(1, len(names) + 1),
-                      [n if n != "oracle floor" else _floor_label(floor) for n in names], fontsize=8)
+                      [n if n != "oracle floor" else floor_label(floor) for n in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("KLOM per forget point (nats)")
         ax.set_title(f"forget set {fs} ({metrics['forget_sets'][fs]['size']} points)", fontsize=10)
@@ -176,3 +176,32 @@ def plot_lds_curve(datamodels: dict, path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path, dpi=110)
+
+
+def plot_linear(result: dict, path) -> None:
+    """Relative distance to theta_R vs iteration (log scale), one line per method (geometric mean over seeds),
+    shaded between the best and worst seed; the dashed line is the tolerance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    initial = np.array(result["initial_distance"], dtype=float)[:, None]
+    for name, entry in result["methods"].items():
+        per_seed = np.array([[np.nan if v is None else v for v in c] for c in entry["per_seed"]], dtype=float)
+        rel = np.clip(per_seed / initial, 1e-16, None)  # float64 round-off floor; keeps the log axis finite
+        steps = np.arange(rel.shape[1])
+        center = np.exp(np.log(rel).mean(axis=0))
+        (line,) = ax.plot(steps, center, label=entry["label"], lw=1.6)
+        ax.fill_between(steps, rel.min(axis=0), rel.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+    ax.axhline(result["tolerance"], color="grey", ls="--", lw=1, label=f"tolerance ({result['tolerance']:g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(r"$\|\theta_t-\theta_R\| \,/\, \|\theta_{full}-\theta_R\|$")
+    s = result["settings"]
+    ax.set_title(f"Unlearning {s['n_forget']} of {s['n']} points, d = {s['d']}, "
+                 f"{len(result['seeds'])} seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)  # a local path, or a run's report/ on an object store

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from pipelines.config import ExecutorConfig
+from pipelines.rundir.lock import EXIT_HOOKS
 
 
 class UnitError(RuntimeError):
@@ -38,9 +39,6 @@ class ClusterError(ConnectionError):
 # (under a minute from the start of `dmu run`, with its imports and data loading).
 PROBE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = float(os.environ.get("DMU_CONNECT_TIMEOUT_S", "45"))  # a slow cluster may need more
-# Called (no arguments) before the process exits from a ray.init that hangs past CONNECT_TIMEOUT_S, where no
-# finally block can run: `dmu run` registers its run-directory lock's release here.
-EXIT_HOOKS: list[Callable[[], None]] = []
 
 
 def cluster_hint(address: str) -> str:

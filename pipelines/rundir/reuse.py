@@ -1,4 +1,4 @@
-"""Reuse across runs (issue 13): a run reads the stores of other runs, read-only, where they hold what it would
+"""Reuse across runs: a run reads the stores of other runs, read-only, where they hold what it would
 compute, so that a change of later settings (an unlearning hyperparameter, models.k) never retrains the earlier,
 expensive stages.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import zarr
 from upath import UPath
@@ -40,10 +40,16 @@ from attribution.store import (
     open_store,
     write_text,
 )
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, RunConfig
 
-if TYPE_CHECKING:
-    from pipelines.stages import RunContext
+
+class RunContext(Protocol):
+    """What reuse reads of a stage's context (pipelines.stages.context.RunContext): the config, the run
+    directory and the task's data (for its fingerprint)."""
+
+    cfg: RunConfig
+    run_dir: UPath
+    data: object
 
 log = logging.getLogger("dmu")
 

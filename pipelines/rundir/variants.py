@@ -1,0 +1,119 @@
+"""Variants: a method with its hyperparameters, datamodel store and compute budget, one row of the report and one
+store `unlearned/<forget set>/<store name>.zarr`. Their labels and store names, and each method's budget knob."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from pipelines.config import RunConfig
+from unlearning import METHODS
+
+
+DATAMODEL_METHODS = ("dm_direct", "dm_matching")
+
+
+# Each method's budget knob, scaled by unlearn.budgets (the others have epochs; do_nothing and dm_direct none).
+BUDGET_KEYS = {"mu_mis": "max_steps"}
+
+
+# MU-Mis's reasons to stop (info["stopped_by"]), stored as their index; -1: not MU-Mis.
+STOPPED_BY = ("delta", "max_steps", "non_finite")
+
+
+def budget_key(method: str) -> str | None:
+    key = BUDGET_KEYS.get(method, "epochs")
+    return key if key in METHODS[method].Hyperparameters.__dataclass_fields__ else None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: `method` with hyperparameter overrides `hparams`, reading datamodel store
+    `datamodel` (the datamodel methods; else None), at `budget` times its tuned budget."""
+
+    method: str
+    hparams: dict
+    datamodel: str | None = None
+    budget: float = 1.0
+    # the label's datamodel part is shown when the run compares datamodels or uses one other than LASSO
+    show_datamodel: bool = False
+    # the tune stage's grid point (None: an evaluated variant)
+    grid_point: int | None = None
+
+    @property
+    def label(self) -> str:
+        dm = f"[{self.datamodel}]" if self.show_datamodel else ""
+        point = f"#{self.grid_point}" if self.grid_point is not None else ""
+        return self.method + dm + (f"@{self.budget:g}x" if self.budget != 1 else "") + point
+
+    @property
+    def store_name(self) -> str:
+        """The store's file name: the label in characters every object store and glob take literally."""
+        dm = f"__{self.datamodel}" if self.show_datamodel else ""
+        point = f"__g{self.grid_point}" if self.grid_point is not None else ""
+        return self.method + dm + (f"__x{self.budget:g}" if self.budget != 1 else "") + point
+
+    def describe(self) -> dict:
+        return {"label": self.label, "method": self.method, "hparams": self.hparams, "datamodel": self.datamodel,
+                "budget": self.budget}
+
+
+def parse_store_name(name: str) -> tuple[str, str, float]:
+    """(method, datamodel or "", budget) of a variant's store name: the inverse of `Variant.store_name`
+    (dm_matching__trak__x3 -> (dm_matching, trak, 3.0)); a tuning grid point's __g<i> is ignored."""
+    method, *parts = name.split("__")
+    datamodel, budget = "", 1.0
+    for part in parts:
+        if re.fullmatch(r"x[0-9.e+-]+", part):
+            budget = float(part[1:])
+        elif not re.fullmatch(r"g[0-9]+", part):
+            datamodel = part
+    return method, datamodel, budget
+
+
+def store_name_of(label: str) -> str:
+    """A variant's store name from its label as the report shows it: the inverse of `Variant.label`
+    (dm_matching[trak]@3x -> dm_matching__trak__x3)."""
+    return re.sub(r"@([0-9.e+-]+)x$", r"__x\1", label).replace("[", "__").replace("]", "")
+
+
+def scaled(method: str, hparams: dict, budget: float) -> dict:
+    """`hparams` with the method's budget knob multiplied by `budget` (rounded, at least 1); SCRUB's max-steps
+    stay within its epochs."""
+    key = budget_key(method)
+    if key is None or budget == 1:
+        return dict(hparams)
+    default = METHODS[method].Hyperparameters.__dataclass_fields__[key].default
+    out = {**hparams, key: max(1, round(hparams.get(key, default) * budget))}
+    if method == "scrub":
+        steps = hparams.get("max_steps", METHODS[method].Hyperparameters.__dataclass_fields__["max_steps"].default)
+        out["max_steps"] = min(steps, out["epochs"])
+    return out
+
+
+def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
+    """Every method of the config at every budget (where it has a budget knob) and, for the datamodel methods,
+    on every datamodel store; hyperparameters: the tune stage's choice where it made one, else unlearn.hparams."""
+    u = cfg.unlearn
+    show_dm = len(u.datamodels) > 1 or u.datamodels != ("lasso",)
+    out = []
+    for method in u.methods:
+        hp = chosen.get(method, u.hparams.get(method, {}))
+        for dm in u.datamodels if method in DATAMODEL_METHODS else (None,):
+            for b in sorted(u.budgets) if budget_key(method) else (1.0,):
+                out.append(Variant(method, scaled(method, hp, b), dm, float(b), show_dm and dm is not None))
+    return out
+
+
+def candidates(cfg: RunConfig) -> dict[str, list[Variant]]:
+    """Per method of tune.grid, every combination of its values over unlearn.hparams, as grid points 0, 1, ...
+    (the datamodel methods read the first of unlearn.datamodels)."""
+    out = {}
+    for method, grid in cfg.tune.grid.items():
+        base = cfg.unlearn.hparams.get(method, {})
+        keys = list(grid)
+        dm = cfg.unlearn.datamodels[0] if method in DATAMODEL_METHODS else None
+        out[method] = [Variant(method, {**base, **dict(zip(keys, values))}, dm, grid_point=i)
+                       for i, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
+    return out
