@@ -36,6 +36,7 @@ from pipelines.rundir.layout import (
     point_sets,
     split,
     stored_oracle_rows,
+    validation_points,
 )
 from pipelines.rundir.variants import store_name_of
 from pipelines.tasks import TaskData, get_task
@@ -140,10 +141,12 @@ class Run:
         return slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
 
     def point_sets(self, forget_set: str) -> dict[str, np.ndarray]:
-        """Target indices of the forget, retain (the other training points) and validation (test) points of a
+        """Target indices of the forget, retain (the other training points) and validation points (the test
+        targets the report reads: the tune stage's half left out, `validation_points`) of a
         forget set, in the order of `klom`'s arrays."""
-        return point_sets(self.forget_sets[forget_set], int(self.models.attrs["n_train"]),
-                          int(self.models.attrs["targets"]["test"][1]))
+        n_train, n_targets = int(self.models.attrs["n_train"]), int(self.models.attrs["targets"]["test"][1])
+        return point_sets(self.forget_sets[forget_set], n_train,
+                          validation_points(self.run_dir, "reporting", n_train, n_targets))
 
     # ---- datamodel helpers -------------------------------------------------------------------------------
 

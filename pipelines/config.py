@@ -107,6 +107,9 @@ class DatamodelsConfig:
 class ForgetSetsConfig:
     # random forget sets of these sizes (training-set indices drawn without replacement)
     random_sizes: tuple[int, ...] = (10, 50)
+    # independent draws of each random size: random_<size>, random_<size>_d1, ... (the report summarises a
+    # method over the draws, the sampling of the forget set itself)
+    draws: int = 1
     # forget every training example of this class (None: no full-class set)
     full_class: int | None = 0
     # sub-populations from the train x train margin-datamodel matrix (A2D, docs/methods.md §4): the top-k scores on
@@ -162,10 +165,13 @@ class TuneConfig:
     full_class: int | None = None
     # the pc_top_k highest scores on PC3 of the margin-datamodel matrix, outside the evaluated sets (0: none)
     pc_top_k: int = 0
-    # full models unlearned per tuning set and grid point (the first k), and reference oracles per tuning set
+    # the tune stage's own full models (never evaluated), unlearned per tuning set and grid point, and the
+    # reference oracles per tuning set
     k: int = 8
     # per method, values to try: {dm_matching: {lr: [1.0e-3, 5.0e-3]}}; every combination, over unlearn.hparams
     grid: dict = field(default_factory=dict)
+    # times a numeric axis grows by one step beyond the end its choice sits at (0: the grid as given)
+    widen: int = 2
 
 
 @dataclass(frozen=True)
@@ -352,6 +358,11 @@ def validate(cfg: RunConfig, stages: tuple[str, ...] | list[str] | None = None) 
                           f"{list(u.budgets)}")
     if t.k < 2:
         raise ConfigError(f"tune.k must be at least 2 (KLOM compares ensembles), got {t.k}")
+    if cfg.forget_sets.draws < 1:
+        raise ConfigError(f"forget_sets.draws must be >= 1 (draws of each random forget-set size), got "
+                          f"{cfg.forget_sets.draws}")
+    if t.widen < 0:
+        raise ConfigError(f"tune.widen must be >= 0 (0: the grid as given), got {t.widen}")
     if any(size < 1 for size in t.random_sizes) or t.pc_top_k < 0:
         raise ConfigError("tune.random_sizes and tune.pc_top_k must be positive")
     _check_datamodels(cfg, "datamodels" in (cfg.stages if stages is None else stages))

@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
 
-from attribution.store import StoreError, as_path, open_store, read
+from attribution.store import StoreError, as_path, location, open_store, read
 from pipelines.config import UnlearnConfig
 from pipelines.rundir.reuse import store_path, stores_in
-from pipelines.rundir.layout import om_rows, point_sets, stored_oracle_rows
+from pipelines.rundir.layout import (
+    om_rows,
+    om_targets,
+    point_sets,
+    read_datamodel_rows,
+    stored_oracle_rows,
+    validation_points,
+)
 from pipelines.rundir.variants import STOPPED_BY, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import floor_halves, klom, klom_intervals, klom_summary, margins, shift_and_spread
@@ -33,7 +41,8 @@ from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per
 METHOD_ORDER = UnlearnConfig().methods
 # processes for the population MIA's attacks (joblib; -1: every core)
 MIA_JOBS = -1
-# KLOM is summarised over these point sets; validation = the test targets (docs/methods.md §4).
+# KLOM is summarised over these point sets; validation = the test targets outside the tune stage's half
+# (docs/methods.md §4).
 POINT_SETS = ("forget", "retain", "validation")
 # half-sample replicates (over models, unlearning.klom.klom_intervals) of every KLOM interval, and their level
 N_SUBSAMPLES = 200
@@ -59,14 +68,18 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
     # the full models' margins, read once: every forget set's membership test fits its "in" distribution on them
     full_margins = margins(read(models["full/logits"], slice(0, info["k"]), store=store_path(run_dir, "models.zarr")),
                            labels)
+    # the report's validation points: the test targets outside the tune stage's half (rundir.layout)
+    info["validation"] = validation_points(run_dir, "reporting", info["n"], info["t"])
     for fs, entry in _load_forget_sets(run_dir).items():
         result = _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped, full_margins)
         if result is not None:
             forget_sets[fs], per_point[fs] = result
     metrics = {"run": run_dir.name, "k": info["k"], "n_train": info["n"], "n_targets": info["t"],
-               "num_classes": info["c"], "epochs": info["epochs"], "seed": seed, "forget_sets": forget_sets,
+               "num_classes": info["c"], "epochs": info["epochs"], "seed": seed,
+               "validation_points": {"reporting": len(info["validation"]), "test_targets": info["t"] - info["n"]},
+               "forget_sets": forget_sets,
                "datamodels": _lds(run_dir, skipped), "datamodels_cost": _datamodels_cost(run_dir, info),
-               "tuning": _tuning(run_dir), "skipped": skipped}
+               "tuning": _tuning(run_dir), "draws": draws_summary(forget_sets), "skipped": skipped}
     if linear is not None:
         metrics["linear"] = _linear_summary(linear)
     return metrics, per_point
@@ -130,7 +143,8 @@ def _tuning(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     tune = json.loads(path.read_text())
-    return {key: tune.get(key) for key in ("criterion", "k", "sets", "grid", "chosen", "untuned")} | {
+    keys = ("criterion", "k", "sets", "validation_points", "grid", "widened", "chosen", "untuned")
+    return {key: tune.get(key) for key in keys} | {
         "scores": {m: [{"hparams": e["hparams"], "score": e["score"]} for e in entries]
                    for m, entries in tune.get("candidates", {}).items()},
         "at_grid_edge": grid_edges(tune.get("grid", {}), tune.get("chosen", {}))}
@@ -213,7 +227,7 @@ def _avg_gap(acc: dict, retrain: dict) -> float:
 def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped, full_margins):
     """metrics and per-point KLOM on the forget points for one forget set; None if its oracles are missing."""
     k, n = info["k"], info["n"]
-    sets = point_sets(entry["indices"], n, info["t"])
+    sets = point_sets(entry["indices"], n, info["validation"])
     forget = sets["forget"]
     if f"oracle/{fs}/done" not in models or not np.asarray(models[f"oracle/{fs}/done"][:k]).all():
         skipped.append(f"forget set {fs}: its first {k} oracles are not all trained (run the models stage)")
@@ -284,10 +298,47 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
             "cost": _cost(store, method, om_oracles, retrain, n),
             "diagnostics": _diagnostics(store, method, diverged=int((~finite).sum())),
         }
+        if method in MATCHING_METHODS:
+            residuals = _matching_residuals(run_dir, models, fs, store.attrs.get("datamodel"), method, logits,
+                                            finite, sets, labels)
+            if residuals is not None:
+                methods[label]["diagnostics"]["residuals"] = residuals
     if not methods:
         skipped.append(f"forget set {fs}: no finished unlearned stores")
     return ({"size": int(entry.get("size", len(forget))), "how": entry.get("how", ""), "methods": methods,
              "oracle_floor": floor, "retrain": retrain}, per_point)
+
+
+def p99_average(kl: dict) -> float:
+    """The headline: the average of the KLOM p99s over forget, retain and validation points (A2D Figure 2)."""
+    return float(np.mean([kl[s]["p99"] for s in POINT_SETS]))
+
+
+def draws_summary(forget_sets: dict) -> dict:
+    """Per random forget-set size drawn more than once (forget_sets.draws: random_<size>, random_<size>_d<j>):
+    each method's and the oracle floor's headline per draw, with their mean and standard deviation over the
+    draws, the spread that comes from which points were drawn."""
+    groups: dict[str, list[str]] = {}
+    for name in forget_sets:
+        match = re.fullmatch(r"(random_\d+)(?:_d\d+)?", name)
+        if match:
+            groups.setdefault(match.group(1), []).append(name)
+    out = {}
+    for kind, names in groups.items():
+        if len(names) < 2:
+            continue
+        rows: dict[str, dict[str, float]] = {}
+        for name in names:
+            entry = forget_sets[name]
+            for label, m in entry["methods"].items():
+                rows.setdefault(label, {})[name] = p99_average(m["klom"])
+            if entry["oracle_floor"] is not None:
+                rows.setdefault("oracle floor", {})[name] = p99_average(entry["oracle_floor"]["klom"])
+        out[kind] = {"draws": names, "rows": {
+            label: {"values": values, "mean": float(np.mean(list(values.values()))),
+                    "sd": float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else None}
+            for label, values in rows.items()}}
+    return out
 
 
 def finite_models(logits: np.ndarray) -> np.ndarray:
@@ -357,6 +408,41 @@ def _diagnostics(store, method: str, diverged: int = 0) -> dict:
         out["steps"] = {"mean": float(steps.mean()), "min": float(steps.min()), "max": float(steps.max())}
     if "final_loss" in store and method in ("oracle_matching", "dm_matching"):
         out["final_matching_loss"] = float(np.nanmean(store["final_loss"][:]))
+    return out
+
+
+MATCHING_METHODS = ("oracle_matching", "dm_matching")
+
+
+def _matching_residuals(run_dir, models, fs, datamodel, method, logits, finite, sets, labels) -> dict | None:
+    """How close OM's and DMM's models came to their own targets, per model (the ones that did not diverge):
+    the mean squared difference of the logits to the target logits on the forget and on the retain points, and
+    on the forget points the margins' progress from the full model (0) to the target (1),
+    Σ (m − m₀)(m* − m₀) / Σ (m* − m₀)². Targets: OM's, each model's own oracle's logits (or the oracles' mean);
+    DMM's, DM-Direct's predictions, the full model's logits minus the forget rows' datamodel weights summed.
+    None where the targets cannot be read (no oracles, no datamodel store)."""
+    n, k = len(sets["forget"]) + len(sets["retain"]), len(finite)
+    models_path = store_path(run_dir, "models.zarr")
+    full = read(models["full/logits"], slice(0, k), store=models_path)[finite, :n].astype(np.float64)
+    if method == "oracle_matching":
+        target = om_targets(models, fs, slice(0, k), n, store=models_path)
+        if target is None:
+            return None
+        target = np.asarray(target, np.float64)[finite]
+    else:
+        try:
+            path = store_path(run_dir, f"datamodels/{datamodel}.zarr")
+            rows = read_datamodel_rows(location(path), sets["forget"])[:, :n]
+        except (StoreError, KeyError, FileNotFoundError):
+            return None
+        target = full - rows.astype(np.float64).sum(0)
+    z = logits[:, :n].astype(np.float64)
+    out = {f"{name}_mse": ((z[:, idx] - target[:, idx]) ** 2).mean(axis=(1, 2)).tolist()
+           for name, idx in (("forget", sets["forget"]), ("retain", sets["retain"]))}
+    forget = sets["forget"]
+    m, m0, mt = (margins(a[:, forget], labels[forget]) for a in (z, full, target))
+    out["forget_margin_progress"] = ((m - m0) * (mt - m0)).sum(1) / np.maximum(((mt - m0) ** 2).sum(1), 1e-12)
+    out["forget_margin_progress"] = out["forget_margin_progress"].tolist()
     return out
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from attribution.store import as_path, make_dirs, write_text
-from pipelines.report.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, evaluate_run, floor_label, json_safe
+from pipelines.report.evaluate import (
+    INTERVAL_LEVEL,
+    N_SUBSAMPLES,
+    POINT_SETS,
+    evaluate_run,
+    floor_label,
+    json_safe,
+    p99_average,
+)
 from pipelines.report.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve, plot_linear
 from unlearning.metrics import MIA_FOLDS
 
@@ -68,11 +76,6 @@ def _per_set(kl: dict | None, stat: str) -> str:
     return " / ".join(_fmt(kl[s][stat]) for s in POINT_SETS) if kl else "–"
 
 
-def _p99_avg(kl: dict) -> float:
-    """The headline: the average of the p99s over forget, retain and validation points (seed Figure 2)."""
-    return float(np.mean([kl[s]["p99"] for s in POINT_SETS]))
-
-
 def _headline_interval(entry: dict | None) -> list[float] | None:
     """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
     return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
@@ -93,6 +96,24 @@ def _against(interval: list[float] | None, floor: list[float] | None) -> str:
     return "≈"
 
 
+def _pairwise(fs_metrics: dict) -> list[str]:
+    """Method against method on the headline: "<" where the row's interval lies wholly below the column's
+    (better), ">" wholly above, "≈" where they overlap (the difference is within sampling noise)."""
+    named = {name: _headline_interval(m) for name, m in fs_metrics["methods"].items()}
+    named = {name: ci for name, ci in named.items() if ci}
+    if len(named) < 2:
+        return []
+    names = list(named)
+    symbol = {"below": "<", "above": ">", "≈": "≈"}
+    lines = ["Method against method (headline intervals; < : the row's lies wholly below the column's, "
+             "> : above, ≈ : they overlap):", "", "| | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = ["" if a == b else symbol[_against(named[a], named[b])] for b in names]
+        lines.append(f"| **{a}** | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _table(fs_metrics: dict) -> list[str]:
     head = ("| method | KLOM p99 avg [95 % CI] | vs floor | KLOM p99 forget / retain / val | KLOM p95 forget / "
             "retain / val | reverse KLOM p99 avg | FA % | RA % | TA % | spread retain | avg gap % | MIA % | "
@@ -105,9 +126,9 @@ def _table(fs_metrics: dict) -> list[str]:
         kl = m.get("klom") if m else None
         ci = _headline_interval(m)
         reverse = m.get("klom_reverse") if m else None
-        cells = [name, _with_interval(_p99_avg(kl), ci) if kl else "–",
+        cells = [name, _with_interval(p99_average(kl), ci) if kl else "–",
                  "–" if is_floor else _against(ci, floor_ci), _per_set(kl, "p99"), _per_set(kl, "p95"),
-                 _fmt(_p99_avg(reverse)) if reverse else "–"]
+                 _fmt(p99_average(reverse)) if reverse else "–"]
         cells += [_fmt(acc[s], 100) for s in ("forget", "retain", "test")] if acc else ["–"] * 3
         cells += [_fmt(spread), _fmt(gap, 100), _fmt(mia, 100), _fmt(lira["auc"], 100) if lira else "–"]
         cells += ([_fmt(cost["passes_fraction"], 100), _fmt(cost["seconds"]), _fmt(cost["seconds_fraction"], 100)]
@@ -144,7 +165,31 @@ def _diagnostics(fs_metrics: dict) -> list[str]:
         if "final_matching_loss" in d:
             lines.append(f"- {name}: final matching loss (MSE to its target logits, mean over models) "
                          f"{_fmt(d['final_matching_loss'])}")
+        if "residuals" in d:
+            r = d["residuals"]
+            progress = np.asarray(r["forget_margin_progress"])
+            lines.append(f"- {name}: logits' MSE to its own targets on the forget points "
+                         f"{_fmt(float(np.mean(r['forget_mse'])))}, on the retain points "
+                         f"{_fmt(float(np.mean(r['retain_mse'])))}; forget margins moved "
+                         f"{_fmt(float(np.mean(progress)), 100)} % of the way from the full model to the "
+                         f"target (models {_fmt(float(progress.min()), 100)}-{_fmt(float(progress.max()), 100)} %)")
     return ["Diagnostics:", ""] + lines + [""] if lines else []
+
+
+def _draws_section(draws: dict) -> list[str]:
+    """One table per random forget-set size drawn several times: each row's headline per draw, their mean and
+    standard deviation over the draws."""
+    lines = []
+    for kind, d in draws.items():
+        lines += [f"## Over {len(d['draws'])} draws of `{kind}`", "",
+                  "KLOM p99 average per draw of the forget set (forget_sets.draws), its mean and standard deviation "
+                  "over the draws: how much the ranking depends on which points were drawn.", "",
+                  "| method | mean (sd) | " + " | ".join(d["draws"]) + " |", "|---|---|" + "---|" * len(d["draws"])]
+        for label, row in d["rows"].items():
+            per_draw = [_fmt(row["values"].get(name)) for name in d["draws"]]
+            lines.append(f"| {label} | {_fmt(row['mean'])} ({_fmt(row['sd'])}) | " + " | ".join(per_draw) + " |")
+        lines.append("")
+    return lines
 
 
 def _tuning_section(tuning: dict | None) -> list[str]:
@@ -153,7 +198,10 @@ def _tuning_section(tuning: dict | None) -> list[str]:
                 "config's unlearn.hparams. Where those were chosen is not known to the report.", ""]
     sets = ", ".join(f"`{n}` ({s['size']} points: {s['how']})" for n, s in tuning["sets"].items())
     lines = ["## Hyperparameters (tune stage)", "",
-             f"Chosen on tuning forget sets disjoint from every set reported here, with their own oracles: {sets}. "
+             f"Chosen on the tune stage's own data, none of it reported here: tuning forget sets disjoint from "
+             f"every set reported here, with their own oracles ({sets}); {tuning['k']} full models of their own "
+             f"seed stream, never evaluated; and {tuning.get('validation_points')} of the test targets as "
+             "validation points, the other half being the report's. "
              f"Criterion: {tuning['criterion']}. Every method with a grid had its values tried on the same "
              "sets and models.", "", "| method | grid | chosen | score (chosen / worst) |", "|---|---|---|---|"]
     for method, entries in tuning["scores"].items():
@@ -162,12 +210,18 @@ def _tuning_section(tuning: dict | None) -> list[str]:
         grid = "; ".join(f"{k}: {v}" for k, v in tuning["grid"][method].items())
         lines.append(f"| {method} | {grid} | {tuning['chosen'][method]} | "
                      f"{_fmt(min(scores)) if scores else 'diverged'} / {worst} |")
+    widened = tuning.get("widened") or {}
+    if widened:
+        listed = "; ".join(f"{method} {w['hyperparameter']} {w['value']}" for method, ws in widened.items()
+                           for w in ws)
+        lines += ["", f"Grids widened where a choice was an end (one step beyond, at most tune.widen times): "
+                  f"{listed}."]
     edges = tuning.get("at_grid_edge") or {}
     if edges:
         listed = "; ".join(f"{method} {key} {tuning['chosen'][method][key]} ({end} tried)"
                            for method, keys in edges.items() for key, end in keys.items())
-        lines += ["", f"Chosen at an end of its grid, so a better value may lie beyond it: {listed}. Widen the "
-                  "grid (tune.grid) to know."]
+        lines += ["", f"Chosen at an end of its grid after widening, so a better value may lie beyond it: "
+                  f"{listed}. Widen the grid (tune.grid, tune.widen) to know."]
     if tuning.get("untuned"):
         lines += ["", f"Not tuned (no grid): {', '.join(tuning['untuned'])}: config hparams or defaults."]
     return lines + [""]
@@ -233,6 +287,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
                   "histograms of half as many models are noisier, so it reads higher than the floor at K vs K, "
                   "a pessimistic bound (docs/methods.md §8).", ""]
     lines += _tuning_section(metrics.get("tuning"))
+    lines += _draws_section(metrics.get("draws") or {})
     for fs, m in metrics["forget_sets"].items():
         lines += [f"## Forget set `{fs}` ({m['size']} points)", "", m["how"], ""]
         lines += _table(m)
@@ -240,6 +295,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
             lines += ["", f"MIA not computed: it needs at least {MIA_FOLDS} forget points for "
                           f"{MIA_FOLDS}-fold CV."]
         lines.append("")
+        lines += _pairwise(m)
         lines += _diagnostics(m)
     if not metrics["forget_sets"]:
         lines += ["No forget set has finished oracles yet: run the models and unlearn stages.", ""]

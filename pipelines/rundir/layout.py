@@ -80,12 +80,25 @@ def fingerprint(indices: np.ndarray) -> int:
     return zlib.crc32(np.asarray(indices, np.int64).tobytes())
 
 
-def point_sets(forget: np.ndarray, n_train: int, n_targets: int) -> dict[str, np.ndarray]:
+def point_sets(forget: np.ndarray, n_train: int, validation: np.ndarray) -> dict[str, np.ndarray]:
     """The target indices a forget set's unlearning is scored on: its forget points, the retain points (the other
-    training points) and the validation points (the test targets, n_train..n_targets-1)."""
+    training points) and `validation` (test targets: the reporting or the tuning half, `validation_points`)."""
     forget = np.unique(np.asarray(forget, dtype=np.int64))
     return {"forget": forget, "retain": np.setdiff1d(np.arange(n_train), forget),
-            "validation": np.arange(n_train, n_targets)}
+            "validation": np.asarray(validation, dtype=np.int64)}
+
+
+def validation_points(run_dir: str | Path, half: str, n_train: int, n_targets: int) -> np.ndarray:
+    """The test targets (indices n_train..n_targets-1) of one half of forget_sets.json's split: "tuning" (the
+    tune stage's validation points) or "reporting" (the report's). A run that does not tune has no split: every
+    test target reports, none tunes."""
+    if half not in ("tuning", "reporting"):
+        raise ValueError(f"half must be 'tuning' or 'reporting', got {half!r}")
+    p = forget_sets_path(run_dir)
+    split_ = json.loads(p.read_text()).get("validation") if p.exists() else None
+    if split_ is None:
+        return np.arange(n_train, n_targets) if half == "reporting" else np.arange(0)
+    return np.asarray(split_[half], dtype=np.int64)
 
 
 def forget_sets_path(run_dir: str | Path) -> UPath:
@@ -210,7 +223,7 @@ def tune_config(cfg: RunConfig, tuning_sets: dict[str, np.ndarray]) -> dict:
     """What the choice depends on: a tune.json made for another config is refused by `load_tune`."""
     return normalise_config({
         "seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-        "tune": to_dict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodel": cfg.unlearn.datamodels[0],
+        "tune": to_dict(cfg.tune), "hparams": cfg.unlearn.hparams, "datamodels": list(cfg.unlearn.datamodels),
         "tuning_sets": {n: fingerprint(i) for n, i in tuning_sets.items()}})
 
 
@@ -233,8 +246,9 @@ def load_tune(run_dir, cfg: RunConfig) -> dict:
 
 
 def load_tuned(run_dir, cfg: RunConfig) -> dict[str, dict]:
-    """The tune stage's choice, method -> hyperparameters ({} for a run without tune.grid); refuses a choice
-    made for another config."""
+    """The tune stage's choice, tuning key (the method, with its datamodel where labels show it:
+    `Variant.tuning_key`) -> hyperparameters ({} for a run without tune.grid); refuses a choice made for another
+    config."""
     if not cfg.tune.grid:
         return {}
     return load_tune(run_dir, cfg)["chosen"]

@@ -14,6 +14,8 @@ RETRAIN_TIMING_STREAM = 3  # the models per forget set that time retraining
 FORGET_STREAM = 7  # the random forget sets
 PCA_STREAM = 8  # the randomized SVD's Gaussian test matrix
 TUNE_STREAM = 9  # the random tuning sets (the tune stage's, disjoint from the evaluated sets)
+TUNING_FULL_STREAM = 10  # the tune stage's own full models (never evaluated)
+VALIDATION_STREAM = 11  # the split of the test targets into tuning and reporting validation points
 
 
 def oracle_stream(forget_set: str) -> int:

@@ -4,6 +4,7 @@ store `unlearned/<forget set>/<store name>.zarr`. Their labels and store names, 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ class Variant:
         dm = f"[{self.datamodel}]" if self.show_datamodel else ""
         point = f"#{self.grid_point}" if self.grid_point is not None else ""
         return self.method + dm + (f"@{self.budget:g}x" if self.budget != 1 else "") + point
+
+    @property
+    def tuning_key(self) -> str:
+        """The key of this variant's hyperparameters in tune.json: the method, and its datamodel where the label
+        shows it (a datamodel method is tuned on each datamodel store it runs on)."""
+        return self.method + (f"[{self.datamodel}]" if self.show_datamodel else "")
 
     @property
     def store_name(self) -> str:
@@ -92,28 +99,55 @@ def scaled(method: str, hparams: dict, budget: float) -> dict:
     return out
 
 
+def show_datamodel(cfg: RunConfig, method: str) -> bool:
+    """Whether `method`'s labels name their datamodel store: a datamodel method in a run that compares
+    datamodels or uses one other than LASSO."""
+    u = cfg.unlearn
+    return method in DATAMODEL_METHODS and (len(u.datamodels) > 1 or u.datamodels != ("lasso",))
+
+
 def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
     """Every method of the config at every budget (where it has a budget knob) and, for the datamodel methods,
-    on every datamodel store; hyperparameters: the tune stage's choice where it made one, else unlearn.hparams."""
+    on every datamodel store; hyperparameters: the tune stage's choice for that method and datamodel
+    (`Variant.tuning_key`) where it made one, else unlearn.hparams."""
     u = cfg.unlearn
-    show_dm = len(u.datamodels) > 1 or u.datamodels != ("lasso",)
     out = []
     for method in u.methods:
-        hp = chosen.get(method, u.hparams.get(method, {}))
+        show = show_datamodel(cfg, method)
         for dm in u.datamodels if method in DATAMODEL_METHODS else (None,):
+            hp = chosen.get(Variant(method, {}, dm, show_datamodel=show).tuning_key, u.hparams.get(method, {}))
             for b in sorted(u.budgets) if budget_key(method) else (1.0,):
-                out.append(Variant(method, scaled(method, hp, b), dm, float(b), show_dm and dm is not None))
+                out.append(Variant(method, scaled(method, hp, b), dm, float(b), show))
     return out
 
 
-def candidates(cfg: RunConfig) -> dict[str, list[Variant]]:
-    """Per method of tune.grid, every combination of its values over unlearn.hparams, as grid points 0, 1, ...
-    (the datamodel methods read the first of unlearn.datamodels)."""
+def grid_axes(cfg: RunConfig) -> dict[str, tuple[str, str | None, dict[str, list]]]:
+    """The tune stage's grids by tuning key (`Variant.tuning_key`): (method, datamodel, tune.grid's values for
+    the method). A datamodel method has one grid per store of unlearn.datamodels, tuned on that store."""
     out = {}
     for method, grid in cfg.tune.grid.items():
+        show = show_datamodel(cfg, method)
+        for dm in cfg.unlearn.datamodels if method in DATAMODEL_METHODS else (None,):
+            out[Variant(method, {}, dm, show_datamodel=show).tuning_key] = (method, dm, {k: list(v) for k, v in
+                                                                                  grid.items()})
+    return out
+
+
+def candidates(cfg: RunConfig, axes: dict[str, tuple[str, str | None, dict[str, list]]],
+               numbering: dict[str, dict[str, int]]) -> dict[str, list[Variant]]:
+    """Per tuning key of `axes` (`grid_axes`, perhaps widened), every combination of its values over
+    unlearn.hparams, as grid points. `numbering` (key -> canonical hyperparameters -> grid point) is updated in
+    place: a combination keeps its number as the grid grows, a new one takes the next, so a widened grid reuses
+    the stores of the points already run."""
+    out = {}
+    for key, (method, dm, grid) in axes.items():
         base = cfg.unlearn.hparams.get(method, {})
-        keys = list(grid)
-        dm = cfg.unlearn.datamodels[0] if method in DATAMODEL_METHODS else None
-        out[method] = [Variant(method, {**base, **dict(zip(keys, values))}, dm, grid_point=i)
-                       for i, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
+        names = list(grid)
+        numbers = numbering.setdefault(key, {})
+        points = []
+        for values in itertools.product(*(grid[n] for n in names)):
+            hparams = {**base, **dict(zip(names, values))}
+            i = numbers.setdefault(json.dumps(hparams, sort_keys=True), len(numbers))
+            points.append(Variant(method, hparams, dm, show_datamodel=show_datamodel(cfg, method), grid_point=i))
+        out[key] = points
     return out

@@ -3,8 +3,9 @@
 Random sets of several sizes, a full class, and A2D's sub-populations from the train x train margin-datamodel matrix
 (docs/methods.md §4): the points that score highest on its first and second principal components, and both ends of
 those components, found by a randomized SVD that reads the matrix from the datamodel store in row blocks (at
-CIFAR-10 scale it does not fit in memory). Everything is seeded by the run seed, and each set records how it
-was made.
+CIFAR-10 scale it does not fit in memory). Where the run tunes, also the tune stage's own forget sets, disjoint
+from these (`tuning_sets`), and the split of the test targets into the tune stage's validation points and the
+report's (`validation_split`). Everything is seeded by the run seed, and each set records how it was made.
 """
 
 from __future__ import annotations
@@ -19,16 +20,27 @@ from attribution.store import StoreError, as_path, diff_keys, normalise_config, 
 from attribution.svd import principal_component_scores
 from pipelines.config import ConfigError, RunConfig, to_dict
 from pipelines.rundir.reuse import reuse_store, store_path
-from pipelines.rundir.seeds import FORGET_STREAM, PCA_STREAM, TUNE_STREAM
+from pipelines.rundir.seeds import FORGET_STREAM, PCA_STREAM, TUNE_STREAM, VALIDATION_STREAM
 from pipelines.stages.context import RunContext
 
 log = logging.getLogger("dmu")
 
 
-def random_forget_set(n_train: int, size: int, seed: int) -> np.ndarray:
+# Draw j of a size takes index size + j * DRAW_INDEX_STEP of the forget stream: draw 0 is index `size`, and no
+# two (size, draw) pairs share an index while sizes stay below the step.
+DRAW_INDEX_STEP = 1 << 24
+
+
+def random_forget_set(n_train: int, size: int, seed: int, draw: int = 0) -> np.ndarray:
     if not 0 < size < n_train:
         raise ValueError(f"a random forget set needs 0 < size < {n_train}, got {size}")
-    return np.sort(model_rng(seed, FORGET_STREAM, size).choice(n_train, size, replace=False))
+    rng = model_rng(seed, FORGET_STREAM, size + draw * DRAW_INDEX_STEP)
+    return np.sort(rng.choice(n_train, size, replace=False))
+
+
+def draw_name(size: int, draw: int) -> str:
+    """random_<size> for the first draw, random_<size>_d<j> for the others."""
+    return f"random_{size}" + (f"_d{draw}" if draw else "")
 
 
 def class_forget_set(labels: np.ndarray, cls: int) -> np.ndarray:
@@ -54,7 +66,8 @@ def pc_forget_sets(scores: np.ndarray, top_k: int, ends: int) -> dict[str, tuple
 def forget_sets_config(cfg: RunConfig) -> dict:
     t = cfg.tune
     return {"seed": cfg.seed, "task": to_dict(cfg.task), "forget_sets": to_dict(cfg.forget_sets),
-            "tuning": {"random_sizes": list(t.random_sizes), "full_class": t.full_class, "pc_top_k": t.pc_top_k}
+            "tuning": {"random_sizes": list(t.random_sizes), "full_class": t.full_class, "pc_top_k": t.pc_top_k,
+                       "validation": "half of the test targets"}
             if tuning(cfg) else None}
 
 
@@ -105,8 +118,11 @@ def build(ctx: RunContext) -> dict[str, dict]:
     fs = cfg.forget_sets
     sets: dict[str, dict] = {}
     for size in fs.random_sizes:
-        sets[f"random_{size}"] = {"indices": random_forget_set(data.n_train, size, cfg.seed),
-                                  "how": f"{size} training points drawn uniformly without replacement"}
+        for draw in range(fs.draws):
+            sets[draw_name(size, draw)] = {
+                "indices": random_forget_set(data.n_train, size, cfg.seed, draw),
+                "how": f"{size} training points drawn uniformly without replacement"
+                       + (f" (draw {draw + 1} of {fs.draws})" if fs.draws > 1 else "")}
     if fs.full_class is not None:
         sets[f"class_{fs.full_class}"] = {"indices": class_forget_set(data.y_train.numpy(), fs.full_class),
                                           "how": f"every training point of class {fs.full_class}"}
@@ -119,6 +135,14 @@ def build(ctx: RunContext) -> dict[str, dict]:
         for name, (idx, how) in pc_forget_sets(scores, fs.pc_top_k, fs.pc_ends).items():
             sets[name] = {"indices": idx, "how": how + " of the train x train margin-datamodel matrix (LASSO)"}
     return _as_json(sets)
+
+
+def validation_split(n_train: int, n_targets: int, seed: int) -> dict[str, list[int]]:
+    """The test targets split once into the tune stage's validation points and the report's, at random (own seed
+    stream), half each (the reporting half takes the odd one), so that tuning never reads a reported point."""
+    test = model_rng(seed, VALIDATION_STREAM, 0).permutation(np.arange(n_train, n_targets))
+    half = len(test) // 2
+    return {"tuning": sorted(int(i) for i in test[:half]), "reporting": sorted(int(i) for i in test[half:])}
 
 
 def _as_json(sets: dict[str, dict]) -> dict[str, dict]:
@@ -139,9 +163,13 @@ def run(ctx: RunContext) -> None:
         log.info("forget sets: %s (already built)", ", ".join(stored["sets"]))
         return
     sets = build(ctx)
-    tune_sets = _as_json(tuning_sets(ctx, sets)) if tuning(ctx.cfg) else {}
+    stored = {"config": config, "sets": sets, "tuning": {}}
+    if tuning(ctx.cfg):
+        stored["tuning"] = _as_json(tuning_sets(ctx, sets))
+        stored["validation"] = validation_split(ctx.data.n_train, ctx.data.n_targets, ctx.cfg.seed)
+    tune_sets = stored["tuning"]
     # locally: a temporary file renamed
-    write_text(p, json.dumps({"config": config, "sets": sets, "tuning": tune_sets}, indent=1))
+    write_text(p, json.dumps(stored, indent=1))
     log.info("forget sets: %s", ", ".join(f"{k} ({v['size']})" for k, v in sets.items()))
     if tune_sets:
         log.info("tuning sets: %s", ", ".join(f"{k} ({v['size']})" for k, v in tune_sets.items()))

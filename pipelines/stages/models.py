@@ -2,7 +2,9 @@
 (retrained without it), trained through the executor with the packed engine into runs/<name>/models.zarr.
 
 Layout: `full/{params,logits,seconds,train_loss,test_accuracy,failed,done}` and `oracle/<forget_set>/{...}`,
-one row per model (`oracle_rows`):
+one row per model (`oracle_rows`); where the run tunes, also `tuning_full/{...}` (the tune stage's own tune.k full
+models, from their own seed stream, never evaluated) and `tuning/<tuning set>/{...}` (its tune.k reference
+oracles, then Oracle Matching's). In `oracle/<forget_set>`:
 rows [0, K) are KLOM's reference; [K, K + n_om) Oracle Matching's targets (kept apart so OM is not scored
 against the very models it matched): n_om = K with models.om_target "own" (row K + i is full model i's own
 oracle), om_oracles with "mean" (`om_count`); with models.floor_oracles, the next K rows are the floor
@@ -25,7 +27,7 @@ from pipelines.config import RunConfig, TaskConfig, to_dict
 from pipelines.engine.training import default_device, load_state_vector, predict_logits, state_vector, train_models
 from pipelines.rundir.layout import MODELS_KIND, fingerprint, load_forget_sets, om_count, oracle_rows
 from pipelines.rundir.reuse import reuse_store
-from pipelines.rundir.seeds import FULL_STREAM, oracle_stream
+from pipelines.rundir.seeds import FULL_STREAM, TUNING_FULL_STREAM, oracle_stream
 from pipelines.stages.context import RunContext, drive
 from pipelines.tasks import TaskData, get_task
 
@@ -42,7 +44,10 @@ def ensembles(cfg: RunConfig, forget_sets: dict[str, np.ndarray],
     out = {"full": (None, [(0, m.k)], FULL_STREAM)}
     for name, idx in forget_sets.items():
         out[f"oracle/{name}"] = (idx, oracle_segments, oracle_stream(name))
-    # the tune stage's sets (forget_sets.tuning_sets): tune.k reference oracles, then their OM targets
+    # the tune stage's own full models (never evaluated) and, per tuning set (forget_sets.tuning_sets), tune.k
+    # reference oracles, then their OM targets
+    if tuning_sets:
+        out["tuning_full"] = (None, [(0, cfg.tune.k)], TUNING_FULL_STREAM)
     for name, idx in tuning_sets.items():
         out[f"tuning/{name}"] = (idx, [(0, cfg.tune.k + om_count(m, cfg.tune.k))], oracle_stream(name))
     return out
@@ -52,8 +57,8 @@ def models_config(cfg: RunConfig, forget_sets: dict[str, np.ndarray], tuning_set
     config = {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
               "forget_sets": {n: fingerprint(i) for n, i in forget_sets.items()}}
     if tuning_sets:
-        config["tuning"] = {"k": cfg.tune.k, "sets": {n: fingerprint(i)
-                                                      for n, i in tuning_sets.items()}}
+        config["tuning"] = {"k": cfg.tune.k, "full_models": "tuning_full",
+                            "sets": {n: fingerprint(i) for n, i in tuning_sets.items()}}
     return config
 
 

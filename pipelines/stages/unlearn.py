@@ -41,7 +41,7 @@ from pipelines.rundir.layout import (
 )
 from pipelines.rundir.reuse import open_reused, store_path
 from pipelines.rundir.seeds import RETRAIN_TIMING_STREAM, method_seed
-from pipelines.rundir.variants import DATAMODEL_METHODS, STOPPED_BY, Variant, variants
+from pipelines.rundir.variants import DATAMODEL_METHODS, STOPPED_BY, Variant, show_datamodel, variants
 from pipelines.stages.context import RunContext, drive
 from pipelines.tasks import TaskData, get_task
 from unlearning import METHODS
@@ -64,9 +64,9 @@ def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: V
 
 
 def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: TaskData, seed: int,
-                  plans: dict, models: str, om_ensemble: str, datamodels: dict) -> dict[str, np.ndarray]:
-    """Work unit: one variant on full models start..stop-1 for one forget set (plans[key] = (forget set,
-    indices, Variant)). It reads its own full models' rows from models.zarr and, for the datamodel methods,
+                  plans: dict, models: str, full: str, om_ensemble: str, datamodels: dict) -> dict[str, np.ndarray]:
+    """Work unit: one variant on full models start..stop-1 (of models.zarr's `full` ensemble) for one forget
+    set (plans[key] = (forget set, indices, Variant)). It reads its own full models' rows and, for the datamodel methods,
     its forget set's rows of its datamodel store (Oracle Matching: its models' targets from models.zarr's
     `om_ensemble`, `om_targets`), so no process holds every model or every forget set's rows
     (both stores at their locations, see `location`). Returns per model: logits, seconds, example passes,
@@ -74,7 +74,7 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
     key, start, stop = unit
     fs, forget_idx, variant = plans[key]
     task, device = get_task(task_cfg), default_device()
-    full_params = read(open_group(models)["full/params"], slice(start, stop), store=models)
+    full_params = read(open_group(models)[f"{full}/params"], slice(start, stop), store=models)
     weight_rows = (read_datamodel_rows(datamodels[variant.datamodel], forget_idx)
                    if variant.method in DATAMODEL_METHODS else None)
     targets = (om_targets(open_group(models), fs, slice(start, stop), data.n_train, om_ensemble, store=models)
@@ -134,16 +134,17 @@ def unlearned_arrays(k: int, block: int, data: TaskData) -> dict[str, ArraySpec]
 
 
 def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Variant], *, root, k: int,
-                 ensemble: str, config: Callable[[str, np.ndarray, Variant], dict], desc: str) -> dict:
-    """Unlearn the first k full models for every forget set in `sets` with every variant, into
+                 full: str, ensemble: str, config: Callable[[str, np.ndarray, Variant], dict], desc: str) -> dict:
+    """Unlearn the first k full models of models.zarr's `full` ensemble ("full" for the evaluated sets,
+    "tuning_full", the tune stage's own) for every forget set in `sets` with every variant, into
     root/<forget set>/<variant.store_name>.zarr (resuming: only blocks not done run). ensemble: where the
     sets' Oracle Matching targets live in models.zarr ("oracle" for evaluated sets, "tuning" for the tune
     stage's). Returns {(forget set, label): store}."""
     cfg, data = ctx.cfg, ctx.data
     models = open_models(ctx.run_dir)
     block = cfg.models.block_size
-    if not models["full/done"][:k].all():
-        raise StoreError("models.zarr has full models not done: run the models stage first")
+    if f"{full}/done" not in models or not models[f"{full}/done"][:k].all():
+        raise StoreError(f"models.zarr has the {full} models not done: run the models stage first")
     stores: dict[tuple[str, str], zarr.Group] = {}
     plans, units = {}, []
     for fs, idx in sets.items():
@@ -168,7 +169,7 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
                                  "models stage first")
     dms = {v.datamodel for v in chosen if v.datamodel is not None}
     shared = {"task_cfg": cfg.task, "data": data, "seed": cfg.seed, "plans": plans,
-              "models": location(store_path(ctx.run_dir, "models.zarr")), "om_ensemble": ensemble,
+              "models": location(store_path(ctx.run_dir, "models.zarr")), "full": full, "om_ensemble": ensemble,
               "datamodels": {dm: datamodel_store(ctx.run_dir, dm, data) for dm in sorted(dms)}}
     by_key = {f"{fs}/{v.store_name}": stores[(fs, v.label)] for fs in sets for v in chosen}
 
@@ -187,7 +188,7 @@ def run(ctx: RunContext) -> None:
     cfg, data = ctx.cfg, ctx.data
     sets = load_forget_sets(ctx.run_dir)
     chosen = variants(cfg, load_tuned(ctx.run_dir, cfg))
-    run_variants(ctx, sets, chosen, root=ctx.run_dir / "unlearned", k=cfg.models.k, ensemble="oracle",
+    run_variants(ctx, sets, chosen, root=ctx.run_dir / "unlearned", k=cfg.models.k, full="full", ensemble="oracle",
                  config=lambda fs, idx, v: unlearned_config(cfg, fs, idx, v), desc="unlearning")
     # retraining timed as the fine-tuning methods run (packs of the same size, same executor), per forget set
     timing = {fs: open_or_create(ctx.run_dir / "unlearned" / fs / RETRAIN_TIMING,
@@ -276,13 +277,15 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
             raise ConfigError(f"oracle_matching needs Oracle Matching's oracles for {match[0]!r} "
                               "(trained by the models stage): finish the models stage, or use dm_matching")
         inputs = {"oracle_logits": target[0]}
-    hp = {**load_tuned(run_dir, cfg).get(method, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
+    key = Variant(method, {}, cfg.unlearn.datamodels[0] if method in DATAMODEL_METHODS else None,
+                  show_datamodel=show_datamodel(cfg, method)).tuning_key
+    hp = {**load_tuned(run_dir, cfg).get(key, cfg.unlearn.hparams.get(method, {})), **(hparams or {})}
     params = read(models["full/params"], model_index, store=store_path(run_dir, "models.zarr"))
     unlearned, logits, cost, _ = unlearn_model(task, data, params, method, idx,
                                                seed=method_seed(cfg.seed, model_index, "request", method),
                                                hparams=hp, inputs=inputs, device=default_device())
     labels = data.y_targets.numpy()
-    sets = point_sets(idx, data.n_train, data.n_targets)
+    sets = point_sets(idx, data.n_train, np.arange(data.n_train, data.n_targets))  # every test target
 
     def accs(lg: np.ndarray) -> dict:
         return {name: float(accuracy(lg[sets[key]], labels[sets[key]])) for name, key in

@@ -338,6 +338,20 @@ def test_metrics_json_and_markdown(run):
     assert cells[4] == " / ".join(f"{v:.3g}" for v in p95s)
     assert cells[5] == f"{np.mean([entry['klom_reverse'][s]['p99'] for s in POINT_SETS]):.3g}"
     assert cells[9] == f"{entry['margins']['retain']['spread']:.3g}"
+    # method against method: the symbol of each pair from the two headline intervals
+    intervals = {name: m["klom_interval"]["p99_avg"]["p99"]
+                 for name, m in metrics["forget_sets"]["random_5"]["methods"].items()}
+    section = md[md.index("## Forget set `random_5`"):md.index("## Forget set `random_8`")]
+    header = next(line for line in section.splitlines() if line.startswith("| | "))
+    names = header.strip("| ").split(" | ")
+    assert set(names) == set(intervals)
+    for line in (line for line in section.splitlines() if line.startswith("| **")):
+        a, *symbols = [c.strip() for c in line.strip("|").split("|")]
+        a = a.strip("*")
+        for b, got in zip(names, symbols):
+            (lo_a, hi_a), (lo_b, hi_b) = intervals[a], intervals[b]
+            want = "" if a == b else "<" if hi_a < lo_b else ">" if lo_a > hi_b else "≈"
+            assert got == want, (a, b)
     for png in PNGS:
         assert f"]({png})" in md
 
@@ -393,7 +407,22 @@ def test_diagnostics_lira_and_the_bench_convention(run):
     methods = metrics["forget_sets"]["random_5"]["methods"]
     assert methods["mu_mis"]["diagnostics"] == {"stopped_by": {"delta": 3, "max_steps": 2, "non_finite": 1},
                                                 "steps": {"mean": 5.5, "min": 3.0, "max": 8.0}}
-    assert methods["oracle_matching"]["diagnostics"] == {"final_matching_loss": 0.25}
+    om = methods["oracle_matching"]["diagnostics"]
+    assert om["final_matching_loss"] == 0.25
+    # its residuals to its own targets, brute force: the mean logits of the store's OM oracles (om_target mean)
+    z = truth["unlearned"]["random_5"]["oracle_matching"]["logits"][:, :N].astype(np.float64)
+    om_oracles = truth["oracles"]["random_5"][:OM] + 50.0 * np.eye(C, dtype=np.float32)[(truth["labels"] + 1) % C]
+    target = np.broadcast_to(om_oracles[:, :N].astype(np.float64).mean(0), z.shape)
+    forget5 = np.array(FORGET_SETS["random_5"])
+    retain5 = np.setdiff1d(np.arange(N), forget5)
+    for name, idx in (("forget_mse", forget5), ("retain_mse", retain5)):
+        expected = [float(((z[m][idx] - target[m][idx]) ** 2).mean()) for m in range(K)]
+        np.testing.assert_allclose(om["residuals"][name], expected, rtol=1e-6)  # targets: float32 mean
+    full_z = truth["unlearned"]["random_5"]["do_nothing"]["logits"][:, :N].astype(np.float64)
+    y = truth["labels"][forget5]
+    m, m0, mt = (margins(a[:, forget5], y) for a in (z, full_z, target))
+    expected = [float(np.dot(m[i] - m0[i], mt[i] - m0[i]) / np.dot(mt[i] - m0[i], mt[i] - m0[i])) for i in range(K)]
+    np.testing.assert_allclose(om["residuals"]["forget_margin_progress"], expected, rtol=1e-6)
     assert methods["perfect"]["diagnostics"] == {}
     labels, forget = truth["labels"], np.array(FORGET_SETS["random_5"])
     oracle = margins(truth["oracles"]["random_5"], labels)
@@ -485,3 +514,28 @@ def test_every_curve_has_its_own_colour_and_marker():
              "oracle_matching", "mu_mis", "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub"]
     colors = method_colors({"forget_sets": {"a": {"methods": {n: {} for n in names}}}})
     assert len(colors) == 11 and len(set(colors.values())) == 11 and len(MARKERS) >= 11
+
+
+def test_draws_summary_over_random_forget_set_draws():
+    """Per random size drawn several times: each method's headline per draw, their mean and sd (brute force)."""
+    from pipelines.report.evaluate import draws_summary
+    from pipelines.report.markdown import _draws_section
+
+    rng = np.random.default_rng(0)
+
+    def entry():
+        return {"klom": {s: {"p99": float(rng.random() * 5)} for s in POINT_SETS}}
+
+    forget_sets = {name: {"methods": {"dm_direct": entry(), "scrub": entry()}, "oracle_floor": entry()}
+                   for name in ("random_50", "random_50_d1", "random_50_d2", "random_10", "class_0")}
+    got = draws_summary(forget_sets)
+    assert list(got) == ["random_50"] and got["random_50"]["draws"] == ["random_50", "random_50_d1", "random_50_d2"]
+    for label in ("dm_direct", "scrub", "oracle floor"):
+        values = [np.mean([(forget_sets[n]["methods"].get(label) or forget_sets[n]["oracle_floor"])["klom"][s]["p99"]
+                           for s in POINT_SETS]) for n in got["random_50"]["draws"]]
+        row = got["random_50"]["rows"][label]
+        np.testing.assert_allclose(list(row["values"].values()), values, rtol=1e-12)
+        assert row["mean"] == pytest.approx(np.mean(values)) and row["sd"] == pytest.approx(np.std(values, ddof=1))
+    table = _draws_section(got)
+    assert table[0] == "## Over 3 draws of `random_50`"
+    assert any(line.startswith("| dm_direct | ") for line in table)

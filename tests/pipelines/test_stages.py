@@ -319,6 +319,26 @@ def test_do_nothing_and_dm_direct_logits(pipeline):
         assert not np.allclose(unlearned_store(ctx, fs, "dm_matching")["logits"][:], full)
 
 
+def test_dm_matching_residuals_to_its_own_targets(pipeline):
+    """The report's DMM diagnostics against a brute-force computation: its targets are DM-Direct's stored
+    predictions, its residuals the logits' MSE to them on the forget and retain points, per model."""
+    from pipelines.report.evaluate import evaluate_run
+
+    cfg, ctx, _ = pipeline
+    metrics, _ = evaluate_run(ctx.run_dir, ctx.data.y_targets.numpy())
+    n = ctx.data.n_train
+    for fs, idx in layout.load_forget_sets(ctx.run_dir).items():
+        got = metrics["forget_sets"][fs]["methods"]["dm_matching"]["diagnostics"]["residuals"]
+        z = unlearned_store(ctx, fs, "dm_matching")["logits"][:, :n].astype(np.float64)
+        target = unlearned_store(ctx, fs, "dm_direct")["logits"][:, :n].astype(np.float64)
+        retain = np.setdiff1d(np.arange(n), idx)
+        np.testing.assert_allclose(got["forget_mse"], ((z[:, idx] - target[:, idx]) ** 2).mean(axis=(1, 2)),
+                                   rtol=1e-4)
+        np.testing.assert_allclose(got["retain_mse"], ((z[:, retain] - target[:, retain]) ** 2).mean(axis=(1, 2)),
+                                   rtol=1e-4)
+        assert all(-1 < p < 2 for p in got["forget_margin_progress"])
+
+
 def test_unlearn_is_reproducible_in_a_new_dir(tmp_path, pipeline):
     """... and Oracle Matching's targets are rows [K, K + OM) only: the floor oracles after them, spoilt here,
     change nothing."""
@@ -362,3 +382,19 @@ def test_unknown_unlearning_method_refused_before_any_stage_runs(tmp_path):
     with pytest.raises(ConfigError, match="unknown unlearn.methods entry 'dm_drect'"):
         run_stages(ctx, ["subsets", "unlearn"])
     assert not (ctx.run_dir / "subsets.zarr").exists()  # nothing trained before the refusal
+
+
+def test_forget_set_draws_are_independent_and_keep_the_first(tmp_path):
+    """forget_sets.draws 3: random_10, random_10_d1, random_10_d2, distinct, seeded; the first is the set a
+    single draw gives."""
+    cfg = stage_config(tmp_path, random_sizes=(10,), full_class=None)
+    one = layout.load_forget_sets(run(cfg, ["forget_sets"]).run_dir)
+    cfg3 = dataclasses.replace(cfg, run_dir=str(tmp_path / "three"),
+                               forget_sets=dataclasses.replace(cfg.forget_sets, draws=3))
+    three = layout.load_forget_sets(run(cfg3, ["forget_sets"]).run_dir)
+    assert list(three) == ["random_10", "random_10_d1", "random_10_d2"]
+    np.testing.assert_array_equal(three["random_10"], one["random_10"])
+    for j in (1, 2):
+        np.testing.assert_array_equal(three[f"random_10_d{j}"], random_forget_set(200, 10, seed=7, draw=j))
+        assert not np.array_equal(three[f"random_10_d{j}"], three["random_10"])
+    assert not np.array_equal(three["random_10_d1"], three["random_10_d2"])

@@ -1,7 +1,8 @@
 """The tune stage and the unlearn stage's variants on a tiny MNIST-1D run (tests/pipelines/test_stages.py's):
-tuning sets disjoint from every evaluated set, a choice that is the argmin of KLOM recomputed here from the
-stores, unchanged when every evaluated set's oracles are poisoned, used by `unlearn`; budgets and datamodel
-variants as their own stores with scaled costs."""
+tuning sets disjoint from every evaluated set, with their own full models and half of the test targets; a choice
+that is the argmin of KLOM recomputed here from the stores, grids widened where a choice sits at an end, a
+tune.json byte for byte unchanged when everything the report evaluates is poisoned, used by `unlearn`; budgets and
+datamodel variants as their own stores with scaled costs."""
 
 import dataclasses
 import json
@@ -27,7 +28,7 @@ GRID = {"gradient_ascent": {"lr": [1.0e-4, 2.0e-2]}, "dm_matching": {"lr": [1.0e
 
 def tune_config(tmp_path, **unlearn):
     cfg = stage_config(tmp_path, methods=METHODS)
-    return dataclasses.replace(cfg, tune=TuneConfig(random_sizes=(10,), full_class=1, k=2, grid=GRID),
+    return dataclasses.replace(cfg, tune=TuneConfig(random_sizes=(10,), full_class=1, k=2, grid=GRID, widen=1),
                                unlearn=UnlearnConfig(methods=METHODS, **unlearn))
 
 
@@ -57,6 +58,16 @@ def test_tuning_sets_are_disjoint_from_every_evaluated_set(tuned):
     models = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")
     shape = (2 * cfg.tune.k,)
     assert models["tuning/tune_random_10/done"][:].all() and models["tuning/tune_random_10/done"].shape == shape
+    # its own full models: trained on every point, from another seed stream than the evaluated full models
+    own, evaluated_full = models["tuning_full/params"][:], models["full/params"][:]
+    assert own.shape == (cfg.tune.k, evaluated_full.shape[1]) and models["tuning_full/done"][:].all()
+    assert not np.isclose(own[:, None], evaluated_full[None]).all(-1).any()
+    # the test targets split once: the tune stage's half and the report's, disjoint, covering them all
+    n, t = ctx.data.n_train, ctx.data.n_targets
+    tuning_half = layout.validation_points(ctx.run_dir, "tuning", n, t)
+    reporting = layout.validation_points(ctx.run_dir, "reporting", n, t)
+    assert len(tuning_half) == (t - n) // 2 and len(reporting) == t - n - len(tuning_half)
+    np.testing.assert_array_equal(np.sort(np.concatenate([tuning_half, reporting])), np.arange(n, t))
 
 
 def test_choice_is_the_argmin_of_klom_recomputed_from_the_stores(tuned):
@@ -65,19 +76,25 @@ def test_choice_is_the_argmin_of_klom_recomputed_from_the_stores(tuned):
     models = zarr.open_group(str(ctx.run_dir / "models.zarr"), mode="r")
     labels = ctx.data.y_targets.numpy()
     n, t = ctx.data.n_train, ctx.data.n_targets
+    validation = layout.validation_points(ctx.run_dir, "tuning", n, t)
     for method, entries in result["candidates"].items():
-        assert len(entries) == 2
+        added = len(result["widened"].get(method, []))
+        assert len(entries) == 2 + added and added <= cfg.tune.widen
         scores = []
-        for i, entry in enumerate(entries):
+        for entry in entries:
             per_set = []
             for fs, idx in layout.load_forget_sets(ctx.run_dir, "tuning").items():
                 oracle = margins(models[f"tuning/{fs}/logits"][:2], labels)
-                logits = zarr.open_group(str(ctx.run_dir / "tune" / fs / f"{method}__g{i}.zarr"), mode="r")["logits"]
-                values = klom(margins(logits[:], labels), oracle)
-                sets = [idx, np.setdiff1d(np.arange(n), idx), np.arange(n, t)]
+                store = ctx.run_dir / "tune" / fs / f"{method}__g{entry['grid_point']}.zarr"
+                logits = zarr.open_group(str(store), mode="r")["logits"][:]
+                if not np.isfinite(logits).all():  # a diverged grid point: never chosen
+                    per_set.append(np.inf)
+                    continue
+                values = klom(margins(logits, labels), oracle)
+                sets = [idx, np.setdiff1d(np.arange(n), idx), validation]
                 per_set.append(np.mean([np.percentile(values[s], 95) for s in sets]))
             scores.append(np.mean(per_set))
-            assert entry["score"] == pytest.approx(scores[-1], rel=1e-12)
+            assert (entry["score"] or np.inf) == pytest.approx(scores[-1], rel=1e-12)  # JSON null: inf
         assert result["chosen"][method] == entries[int(np.argmin(scores))]["hparams"]
     assert result["untuned"] == []
 
@@ -107,20 +124,63 @@ def test_unlearn_uses_the_choice_and_budgets_scale_it(tuned):
     assert timing["done"][0] and timing["seconds"][0] > 0
 
 
-def test_poisoned_evaluation_oracles_leave_the_choice_unchanged(tuned, tmp_path):
+def test_widening_goes_one_step_past_the_end_it_chose():
+    assert tune_stage.beyond([1e-4, 2e-2], 2e-2) == 4.0
+    assert tune_stage.beyond([3e-4, 1e-3, 3e-3], 3e-4) == pytest.approx(9e-5)
+    assert tune_stage.beyond([2, 4], 2) is None and tune_stage.beyond([2, 4], 4) == 6  # integers stay >= 1
+    assert tune_stage.beyond([1e-3, 3e-3, 1e-2], 3e-3) is None  # inside: no widening
+    assert tune_stage.beyond([5], 5) is None and tune_stage.beyond([True, False], True) is None
+
+
+def test_widened_grid_is_scored_and_recorded(tuned):
+    cfg, ctx = tuned
+    result = json.loads((ctx.run_dir / "tune.json").read_text())
+    for method, added in result["widened"].items():
+        for w in added:
+            values = result["grid"][method][w["hyperparameter"]]
+            assert values[-1] == w["value"] and w["value"] not in GRID[method][w["hyperparameter"]]
+            assert any(e["hparams"][w["hyperparameter"]] == w["value"] for e in result["candidates"][method])
+    # a choice at an end after the widening is listed; one inside is not
+    for method, chosen in result["chosen"].items():
+        for key, values in result["grid"][method].items():
+            at_end = len(set(values)) > 1 and chosen[key] in (min(values), max(values))
+            assert (key in result["at_edge"].get(method, {})) == at_end
+
+
+def test_poisoning_everything_reported_leaves_tune_json_byte_equal(tuned, tmp_path):
+    """Every evaluated forget set's oracles, the evaluated full models, the evaluated forget sets themselves and
+    the reporting half of the test targets (in every stored model's logits) replaced by garbage: the tune
+    stage, rerun from scratch, writes the same bytes."""
     cfg, ctx = tuned
     copy = tmp_path / "run"
     shutil.copytree(ctx.run_dir, copy)
     shutil.rmtree(copy / "tune")
-    before = json.loads((copy / "tune.json").read_text())
+    before = (copy / "tune.json").read_bytes()
     (copy / "tune.json").unlink()
     models = zarr.open_group(str(copy / "models.zarr"), mode="r+")
     rng = np.random.default_rng(0)
-    for fs in layout.load_forget_sets(copy):  # every evaluated set's oracles: garbage
-        logits = models[f"oracle/{fs}/logits"]
-        logits[:] = rng.standard_normal(logits.shape).astype(np.float32) * 100
+
+    def garbage(array, columns=None):
+        if columns is None:
+            array[:] = (rng.standard_normal(array.shape) * 100).astype(np.float32)
+        else:  # every row, some targets
+            shape = (array.shape[0], len(columns), *array.shape[2:])
+            array.oindex[:, columns] = (rng.standard_normal(shape) * 100).astype(np.float32)
+
+    for fs in layout.load_forget_sets(copy):
+        garbage(models[f"oracle/{fs}/logits"])
+        garbage(models[f"oracle/{fs}/params"])
+    garbage(models["full/logits"])
+    garbage(models["full/params"])
+    reporting = layout.validation_points(copy, "reporting", ctx.data.n_train, ctx.data.n_targets)
+    for fs in layout.load_forget_sets(copy, "tuning"):
+        garbage(models[f"tuning/{fs}/logits"], reporting)
+    stored = json.loads((copy / "forget_sets.json").read_text())
+    for entry in stored["sets"].values():
+        entry["indices"] = rng.choice(ctx.data.n_train, len(entry["indices"]), replace=False).tolist()
+    (copy / "forget_sets.json").write_text(json.dumps(stored, indent=1))
     run(dataclasses.replace(cfg, run_dir=str(copy)), ["tune"])
-    assert json.loads((copy / "tune.json").read_text()) == before
+    assert (copy / "tune.json").read_bytes() == before
 
 
 def test_unlearn_refuses_without_the_tune_stage(tmp_path):
