@@ -142,7 +142,7 @@ class ModelsConfig:
 class UnlearnConfig:
     # methods run on every full model for every forget set (unlearning.METHODS; retraining = the oracles)
     methods: tuple[str, ...] = ("do_nothing", "dm_direct", "dm_matching", "oracle_matching", "mu_mis",
-                                "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub")
+                                "mu_mis_gap", "gradient_descent", "gradient_ascent", "neggrad_plus", "scrub")
     # the datamodel stores DM-Direct and DMM read (lasso | trak): each gets its own rows, e.g. dm_matching[trak]
     datamodels: tuple[str, ...] = ("lasso",)
     # hyperparameter overrides per method, e.g. {dm_matching: {epochs: 2}}; keys are checked against the

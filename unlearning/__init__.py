@@ -13,7 +13,7 @@ from collections.abc import Callable
 from unlearning.base import Cost, UnlearnData, UnlearnResult, check_forget_idx
 from unlearning.datamodel import DatamodelPredictor, dm_direct, dm_matching
 from unlearning.gradient import gradient_ascent, gradient_descent, neggrad_plus
-from unlearning.mumis import mu_mis, mu_mis_method
+from unlearning.mumis import mu_mis, mu_mis_gap_method, mu_mis_method
 from unlearning.oracle_matching import oracle_matching
 from unlearning.reference_points import do_nothing, retrain
 from unlearning.scrub import scrub
@@ -23,6 +23,7 @@ METHODS: dict[str, Callable[..., UnlearnResult]] = {
     "dm_direct": dm_direct,
     "dm_matching": dm_matching,
     "mu_mis": mu_mis_method,
+    "mu_mis_gap": mu_mis_gap_method,
     "gradient_descent": gradient_descent,
     "gradient_ascent": gradient_ascent,
     "neggrad_plus": neggrad_plus,

@@ -11,13 +11,18 @@ create_graph). The model stays in eval mode: BatchNorm uses its running statisti
 not update them), and only then is the gradient of a batch-summed logit the stack of per-sample input
 gradients.
 
-Stop rule (docs/methods.md §5): after each update, stop once s_t / s_0 > δ, where s_t = the mean over D_f of the
-per-sample norm ‖∇ₓ f_c′(x)‖ under the weights after step t, with one c′ per sample drawn once (seeded) and
-kept fixed, so the ratio tracks the weights and not the draw of c′. Otherwise stop after `max_steps` updates.
+Stop rules (docs/methods.md §5), checked after each update, with one c′ per sample drawn once (seeded) and kept
+fixed, so they track the weights and not the draw of c′; otherwise stop after `max_steps` updates:
+- "delta" (the paper's): stop once s_t / s_0 > δ, where s_t = the mean over D_f of the per-sample norm
+  ‖∇ₓ f_c′(x)‖ under the weights after step t. δ has no value in the paper: the tune stage picks it.
+- "gap" (remaining-data-free selection, `mu_mis_gap`): stop once the forget points' mean target-class
+  sensitivity, mean ‖∇ₓ f_c(x)‖, no longer exceeds their mean irrelevant-class sensitivity s_t: the gap that
+  training opened on D_f (the paper's signature of a sample's contribution) is closed. It reads only the model
+  and the forget set and has no threshold, so nothing is tuned.
 
 Cost (unit of base.py): a step costs 11/3 passes per sample (forward 1/3, two input-gradient backwards 2/3
 each, the double backward through both ≈ 2); a stop check costs 1 pass per sample (forward + one
-input-gradient backward).
+input-gradient backward), 5/3 for the gap rule (two input-gradient backwards).
 
 Where it works (benchmarks/mumis_full_class.py, README): removing a whole MNIST-1D class, the MLP reaches the
 paper's claim at the default δ (forget accuracy 0.3 %, retain and test accuracy within 0.3 points of
@@ -45,7 +50,9 @@ from unlearning.base import (
 )
 
 STEP_PASSES = 1.0 / 3.0 + 2 * (2.0 / 3.0) + 2.0  # per sample per optimisation step (module docstring)
-CHECK_PASSES = 1.0  # per sample per stop-rule evaluation
+CHECK_PASSES = 1.0  # per sample per stop-rule evaluation ("delta")
+GAP_CHECK_PASSES = 1.0 / 3.0 + 2 * (2.0 / 3.0)  # per sample per evaluation of the "gap" rule
+STOP_RULES = ("delta", "gap")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,19 @@ class MuMisHyperparameters:
     # Weight of the irrelevant-class term: 1 = the paper's loss; 0 = the target-class term alone (the ablation
     # of seed mu-mis-qa.txt, question 3).
     irrelevant_weight: float = 1.0
+    # Stop rule (module docstring): "delta" (the paper's, threshold `delta`) or "gap" (no threshold).
+    stop: str = "delta"
+
+    def __post_init__(self) -> None:
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"MU-Mis stop rule {self.stop!r} is unknown: use one of {', '.join(STOP_RULES)}.")
+
+
+@dataclass(frozen=True)
+class MuMisGapHyperparameters(MuMisHyperparameters):
+    """`mu_mis_gap`: MU-Mis stopped by the remaining-data-free gap rule; `delta` is unused."""
+
+    stop: str = "gap"
 
 
 def _input_gradients(
@@ -103,17 +123,25 @@ def mu_mis_loss(
     return (target_sq - irrelevant_weight * irrelevant_sq).mean()
 
 
+def sensitivities(
+    model: nn.Module, x: torch.Tensor, class_sets: list[torch.Tensor], batch_size: int
+) -> list[float]:
+    """For each class vector k in `class_sets`: the mean over the examples of the per-sample norm
+    ‖∇ₓ f_{k_i}(x_i)‖ (the stop rules' quantities)."""
+    totals = [0.0] * len(class_sets)
+    for start in range(0, x.shape[0], batch_size):
+        part = [k[start : start + batch_size] for k in class_sets]
+        grads = _input_gradients(model, x[start : start + batch_size], part, create_graph=False)
+        for j, g in enumerate(grads):
+            totals[j] += g.flatten(1).norm(dim=1).sum().item()
+    return [t / x.shape[0] for t in totals]
+
+
 def irrelevant_sensitivity(
     model: nn.Module, x: torch.Tensor, irrelevant: torch.Tensor, batch_size: int
 ) -> float:
-    """s = mean over the examples of the per-sample norm ‖∇ₓ f_{c′_i}(x_i)‖ (the stop rule's quantity)."""
-    total = 0.0
-    for start in range(0, x.shape[0], batch_size):
-        (g,) = _input_gradients(
-            model, x[start : start + batch_size], [irrelevant[start : start + batch_size]], create_graph=False
-        )
-        total += g.flatten(1).norm(dim=1).sum().item()
-    return total / x.shape[0]
+    """s = mean over the examples of the per-sample norm ‖∇ₓ f_{c′_i}(x_i)‖ (the delta rule's quantity)."""
+    return sensitivities(model, x, [irrelevant], batch_size)[0]
 
 
 def draw_irrelevant_classes(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -128,9 +156,11 @@ def mu_mis(
 ) -> UnlearnResult:
     """Unlearn the forget set `forget` from a copy of `model` with MU-Mis, using no remaining data.
 
-    info: `steps` (updates kept), `stopped_by` ("delta", "max_steps", or "non_finite" when a step overflowed
-    and was rolled back: lower lr or delta), `sensitivity_ratios` (s_t / s_0 after each kept step),
-    `initial_sensitivity` (s_0), `check_classes` (the fixed c′ of the stop rule). No autocast: second-order
+    info: `steps` (updates kept), `stopped_by` ("delta", "gap_closed", "max_steps", or "non_finite" when a
+    step overflowed and was rolled back: lower lr or delta), `sensitivity_ratios` (s_t / s_0 after each kept
+    step), `target_ratios` (mean target-class over irrelevant-class sensitivity before the first step and
+    after each kept step; gap rule only), `initial_sensitivity` (s_0), `check_classes` (the fixed c′ of the
+    stop rules). No autocast: second-order
     terms in bf16 are too coarse."""
     hp = hp if hp is not None else MuMisHyperparameters()
     if len(forget) == 0:
@@ -163,13 +193,27 @@ def _run_mu_mis(
         )
     # c′ for the stop rule: drawn once, fixed for the whole run.
     check_classes = draw_irrelevant_classes(y, num_classes, generator)
-    s0 = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
-    passes = CHECK_PASSES * n
+    gap_rule = hp.stop == "gap"
+    check_sets = [check_classes, y] if gap_rule else [check_classes]
+    check_passes = GAP_CHECK_PASSES if gap_rule else CHECK_PASSES
+
+    def check() -> tuple[float, float]:
+        """(s_t, mean target-class over irrelevant-class sensitivity; nan under the delta rule)."""
+        s, *target = sensitivities(unlearned, x, check_sets, hp.batch_size)
+        return s, (target[0] / s if s > 0 else math.inf) if gap_rule else math.nan
+
+    s0, gap0 = check()
+    passes = check_passes * n
+    target_ratios = [gap0] if gap_rule else []
+    if gap_rule and gap0 <= 1.0:
+        max_steps = 0  # the forget points show no gap to close
+    else:
+        max_steps = hp.max_steps
     optimizer = torch.optim.SGD(trainable_parameters(unlearned), lr=hp.lr, momentum=hp.momentum)
     ratios: list[float] = []
-    stopped_by = "max_steps"
+    stopped_by = "max_steps" if max_steps else "gap_closed"
     batches: list[torch.Tensor] = []
-    for _ in range(hp.max_steps):
+    for _ in range(max_steps):
         if not batches:
             batches = shuffled_batches(n, hp.batch_size, generator)
         batch = batches.pop(0).to(device)
@@ -181,8 +225,8 @@ def _run_mu_mis(
         loss.backward()
         optimizer.step()
         passes += STEP_PASSES * batch.numel()
-        s_t = irrelevant_sensitivity(unlearned, x, check_classes, hp.batch_size)
-        passes += CHECK_PASSES * n
+        s_t, gap_t = check()
+        passes += check_passes * n
         # A zero initial sensitivity (e.g. all-dead ReLUs) makes any growth infinite: stop at once.
         ratios.append(s_t / s0 if s0 > 0 else (math.inf if s_t > 0 else 1.0))
         if not (math.isfinite(loss.item()) and math.isfinite(s_t)):
@@ -194,7 +238,12 @@ def _run_mu_mis(
             ratios.pop()
             stopped_by = "non_finite"
             break
-        if ratios[-1] > hp.delta:
+        if gap_rule:
+            target_ratios.append(gap_t)
+            if gap_t <= 1.0:
+                stopped_by = "gap_closed"
+                break
+        elif ratios[-1] > hp.delta:
             stopped_by = "delta"
             break
     unlearned.zero_grad(set_to_none=True)
@@ -202,6 +251,7 @@ def _run_mu_mis(
         "steps": len(ratios),
         "stopped_by": stopped_by,
         "sensitivity_ratios": ratios,
+        "target_ratios": target_ratios,
         "initial_sensitivity": s0,
         "check_classes": check_classes,
     }
@@ -212,4 +262,11 @@ def _run_mu_mis(
 def mu_mis_method(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
     """The METHODS entry: slice the forget set out of the training set and run `mu_mis`'s algorithm on it
     alone."""
+    return _run_mu_mis(req.model, req.data.subset(req.forget), req.hp, req.device, req.generator)
+
+
+@unlearning_method(MuMisGapHyperparameters)
+def mu_mis_gap_method(req: UnlearnRequest) -> tuple[nn.Module, float, dict]:
+    """The METHODS entry `mu_mis_gap`: MU-Mis on the forget set alone, stopped by the gap rule (nothing
+    tuned)."""
     return _run_mu_mis(req.model, req.data.subset(req.forget), req.hp, req.device, req.generator)

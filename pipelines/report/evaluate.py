@@ -401,7 +401,7 @@ def _diagnostics(store, method: str, diverged: int = 0) -> dict:
     number of models whose unlearning diverged (non-finite logits; left out of every score). Empty for the
     others and for older stores."""
     out: dict = {"diverged": diverged} if diverged else {}
-    if "stopped_by" in store and method == "mu_mis":
+    if "stopped_by" in store and method in ("mu_mis", "mu_mis_gap"):
         codes = np.asarray(store["stopped_by"][:])
         out["stopped_by"] = {name: int((codes == i).sum()) for i, name in enumerate(STOPPED_BY)}
         steps = np.asarray(store["steps"][:])

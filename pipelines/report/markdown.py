@@ -223,7 +223,9 @@ def _tuning_section(tuning: dict | None) -> list[str]:
         lines += ["", f"Chosen at an end of its grid after widening, so a better value may lie beyond it: "
                   f"{listed}. Widen the grid (tune.grid, tune.widen) to know."]
     if tuning.get("untuned"):
-        lines += ["", f"Not tuned (no grid): {', '.join(tuning['untuned'])}: config hparams or defaults."]
+        why = (" (mu_mis_gap: MU-Mis stopped by the remaining-data-free gap rule, which has no threshold)"
+               if "mu_mis_gap" in tuning["untuned"] else "")
+        lines += ["", f"Not tuned (no grid): {', '.join(tuning['untuned'])}: config hparams or defaults{why}."]
     return lines + [""]
 
 

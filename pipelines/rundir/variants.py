@@ -16,11 +16,11 @@ DATAMODEL_METHODS = ("dm_direct", "dm_matching")
 
 
 # Each method's budget knob, scaled by unlearn.budgets (the others have epochs; do_nothing and dm_direct none).
-BUDGET_KEYS = {"mu_mis": "max_steps"}
+BUDGET_KEYS = {"mu_mis": "max_steps", "mu_mis_gap": "max_steps"}
 
 
 # MU-Mis's reasons to stop (info["stopped_by"]), stored as their index; -1: not MU-Mis.
-STOPPED_BY = ("delta", "max_steps", "non_finite")
+STOPPED_BY = ("delta", "max_steps", "non_finite", "gap_closed")
 
 
 def budget_key(method: str) -> str | None:

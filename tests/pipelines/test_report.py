@@ -405,7 +405,7 @@ def test_cost_counts_everything_a_request_needs(run):
 def test_diagnostics_lira_and_the_bench_convention(run):
     _, metrics, truth = run
     methods = metrics["forget_sets"]["random_5"]["methods"]
-    assert methods["mu_mis"]["diagnostics"] == {"stopped_by": {"delta": 3, "max_steps": 2, "non_finite": 1},
+    assert methods["mu_mis"]["diagnostics"] == {"stopped_by": {"delta": 3, "max_steps": 2, "non_finite": 1, "gap_closed": 0},
                                                 "steps": {"mean": 5.5, "min": 3.0, "max": 8.0}}
     om = methods["oracle_matching"]["diagnostics"]
     assert om["final_matching_loss"] == 0.25

@@ -93,7 +93,7 @@ def test_oracle_matching_request_finds_the_runs_oracles(served, tmp_path):
     ("1 two 3", "dm_matching", "holds a non-integer id"),
     ("1.5", "dm_matching", "holds a non-integer id"),
     ("1 2 3", "dm_matchin", "unknown method 'dm_matchin'; known: dm_direct, dm_matching, do_nothing, "
-     "gradient_ascent, gradient_descent, mu_mis, neggrad_plus, oracle_matching, scrub"),
+     "gradient_ascent, gradient_descent, mu_mis, mu_mis_gap, neggrad_plus, oracle_matching, scrub"),
     ("1 2 3", "oracle_matching", "oracle_matching needs oracles retrained without this forget set"),
 ])
 def test_bad_request_is_one_line_and_exit_2(served, tmp_path, capsys, ids, method, message):

@@ -17,7 +17,7 @@ from torch import nn
 import unlearning
 from unlearning import METHODS, Cost, UnlearnData, check_forget_idx, get_method
 from unlearning.base import predict_logits
-from unlearning.mumis import CHECK_PASSES, STEP_PASSES
+from unlearning.mumis import CHECK_PASSES, GAP_CHECK_PASSES, STEP_PASSES
 from unlearning.scrub import distillation_kl
 
 from .conftest import N_CLASSES, N_TRAIN, accuracy, assert_same_state, make_mlp, state_snapshot, train
@@ -28,6 +28,7 @@ FAST = {
     "dm_direct": {},
     "dm_matching": dict(epochs=2),
     "mu_mis": dict(max_steps=2, delta=math.inf),
+    "mu_mis_gap": dict(max_steps=2),
     "gradient_descent": dict(epochs=1, lr=1e-2),
     "gradient_ascent": dict(epochs=1, lr=1e-3),
     "neggrad_plus": dict(epochs=1, lr=1e-2),
@@ -71,9 +72,9 @@ def run(name, model, data, forget, seed=0, **extra):
 # ---------------------------------------------------------------- interface
 
 
-def test_registry_lists_the_issue_methods():
+def test_registry_lists_the_methods():
     assert set(METHODS) == {
-        "oracle_matching", "dm_direct", "dm_matching", "mu_mis", "gradient_descent", "gradient_ascent",
+        "oracle_matching", "dm_direct", "dm_matching", "mu_mis", "mu_mis_gap", "gradient_descent", "gradient_ascent",
         "neggrad_plus", "scrub", "retrain", "do_nothing",
     }  # fmt: skip
     for fn in METHODS.values():
@@ -195,6 +196,9 @@ def test_costs_follow_the_pass_convention(trained_mlp, mlp_data, forget_idx):
     # SCRUB: 1 max-step epoch, 2 min-step epochs; student forward + backward and teacher forward.
     assert passes["scrub"] == pytest.approx((1 * f + 2 * r) * (1 + 1 / 3))
     assert passes["mu_mis"] == pytest.approx(f * (CHECK_PASSES + 2 * (STEP_PASSES + CHECK_PASSES)))
+    steps = run("mu_mis_gap", trained_mlp, mlp_data, forget_idx).info["steps"]
+    assert passes["mu_mis_gap"] == pytest.approx(f * (GAP_CHECK_PASSES + steps * (STEP_PASSES + GAP_CHECK_PASSES)))
+    assert math.isclose(GAP_CHECK_PASSES, 5 / 3)
     assert passes["retrain"] == 3 * r  # reported by train_fn
     assert passes["dm_direct"] == 0 and passes["do_nothing"] == 0
     assert math.isclose(STEP_PASSES, 11 / 3)

@@ -177,3 +177,60 @@ def test_an_overflowing_step_is_rolled_back(trained_mlp, mlp_data, forget_idx):
     assert result.info["steps"] == len(result.info["sensitivity_ratios"]) < 200
     assert all(math.isfinite(r) for r in result.info["sensitivity_ratios"])
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_gap_rule_stops_when_the_target_sensitivity_no_longer_exceeds_the_irrelevant(
+    trained_mlp, mlp_data, forget_idx
+):
+    forget = mlp_data.subset(forget_idx)
+    hp = MuMisHyperparameters(stop="gap", max_steps=200, lr=1e-2)
+    result = mu_mis(trained_mlp, forget, hp, seed=1)
+    info = result.info
+    assert info["stopped_by"] == "gap_closed" and info["steps"] >= 1
+    ratios = info["target_ratios"]
+    assert len(ratios) == info["steps"] + 1  # before the first step, then after each
+    assert all(r > 1.0 for r in ratios[:-1]) and ratios[-1] <= 1.0
+    # the last ratio, recomputed one Jacobian per example on the returned model
+    check = info["check_classes"]
+    expected = per_sample_sensitivity(result.model, forget.x, forget.y) / per_sample_sensitivity(
+        result.model, forget.x, check
+    )
+    assert ratios[-1] == pytest.approx(expected, rel=1e-4)
+    # the delta rule with no threshold runs the same updates until max_steps
+    capped = mu_mis(trained_mlp, forget, MuMisHyperparameters(delta=math.inf, max_steps=info["steps"], lr=1e-2),
+                    seed=1)
+    assert_same_state(capped.model, state_snapshot(result.model))
+
+
+def test_gap_rule_takes_no_step_where_the_forget_set_shows_no_gap():
+    # a linear model whose class-0 logit ignores the input: the forget points (all class 0) show no gap
+    model = tiny_smooth_net()
+    with torch.no_grad():
+        model[2].weight[0] = 0.0
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    forget = UnlearnData(x, torch.zeros(6, dtype=torch.long))
+    result = mu_mis(model, forget, MuMisHyperparameters(stop="gap", max_steps=5), seed=0)
+    assert result.info["target_ratios"] == [0.0]
+    assert result.info["steps"] == 0 and result.info["stopped_by"] == "gap_closed"
+    assert_same_state(result.model, state_snapshot(model))
+
+
+def test_mu_mis_gap_entry_reads_only_the_forget_set(trained_mlp, mlp_data, forget_idx):
+    poisoned = UnlearnData(mlp_data.x.clone(), mlp_data.y.clone())
+    retain = torch.ones(len(mlp_data), dtype=torch.bool)
+    retain[forget_idx] = False
+    poisoned.x[retain] = torch.randn_like(poisoned.x[retain]) * 100
+    poisoned.y[retain] = (poisoned.y[retain] + 1) % int(mlp_data.y.max() + 1)
+    hp = METHODS["mu_mis_gap"].Hyperparameters(max_steps=5, lr=1e-2)
+    assert hp.stop == "gap"
+    clean = METHODS["mu_mis_gap"](trained_mlp, mlp_data, forget_idx, hparams=hp, seed=3)
+    dirty = METHODS["mu_mis_gap"](trained_mlp, poisoned, forget_idx, hparams=hp, seed=3)
+    assert_same_state(dirty.model, state_snapshot(clean.model))
+    direct = mu_mis(trained_mlp, mlp_data.subset(forget_idx), MuMisHyperparameters(stop="gap", max_steps=5, lr=1e-2),
+                    seed=3)
+    assert_same_state(clean.model, state_snapshot(direct.model))
+
+
+def test_unknown_stop_rule_is_one_clear_error():
+    with pytest.raises(ValueError, match="stop rule 'halt' is unknown: use one of delta, gap"):
+        MuMisHyperparameters(stop="halt")
