@@ -11,24 +11,16 @@ reports the source and store sizes, the import time and the process's peak resid
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from attribution.store import bytes_on_disk
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def write_standin(folder: Path, m: int, n: int, n_test: int, block: int = 1000) -> None:
@@ -52,7 +44,7 @@ def main() -> None:
     ap.add_argument("--test-points", type=int, default=1_000)
     ap.add_argument("--block-size", type=int, default=256)
     args = ap.parse_args()
-    print(f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         src, run = Path(tmp) / "src", Path(tmp) / "run"
         src.mkdir()

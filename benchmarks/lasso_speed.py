@@ -17,8 +17,6 @@ Exactness: relative objective gap of the final weights (refit problem, chosen λ
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
@@ -27,6 +25,8 @@ import torch
 from sklearn.linear_model import Lasso
 
 from attribution.lasso import LassoDatamodels
+
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def make_problem(n_models: int, n_train: int, n_targets: int, n_effects: int, noise: float, seed: int):
@@ -93,7 +93,7 @@ def main():
         args.models, args.val_models, args.train, args.targets, args.sample = 600, 100, 300, 60, 5
     tol = 1e-4  # scikit-learn's default duality-gap tolerance, on both sides
 
-    print(f"# lasso_speed: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    print(f"# lasso_speed: {describe()} "
           f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, numpy {np.__version__}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"# problem: {args.models} fitting + {args.val_models} validation models x {args.train} training "

@@ -37,6 +37,8 @@ from unlearning.klom import margins
 from unlearning.metrics import accuracy
 from unlearning.mumis import MuMisHyperparameters, draw_irrelevant_classes, mu_mis_loss
 
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
+
 
 def build_task(arch: str, width: int | None, n_train: int, epochs: int):
     task = get_task(TaskConfig(arch=arch, n_train=n_train, n_test=1000, recipe=RecipeConfig(epochs=epochs)))
@@ -99,6 +101,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"# {describe()}")
     print(f"# mumis_full_class: MNIST-1D N={args.n_train}, class {args.forget_class} removed, {args.epochs} epochs, "
           f"K={args.k}, {args.threads} threads, device cpu")
     print(f"{'model':<22} {'FA':>6} {'RA':>6} {'TA':>6} {'max |gap|':>9} {'steps':>6}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attribution.store import open_group  # noqa: E402
 from pipelines.config import ExecutorConfig, RecipeConfig, RunConfig, SubsetsConfig, TaskConfig  # noqa: E402
 from pipelines.stages import RunContext, run_stages  # noqa: E402
+
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def _warm_up(unit: tuple[int, int]) -> None:
@@ -87,7 +88,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary))
         return
-    print(f"# {platform.node()}, {os.cpu_count()} cores; subsets stage, MNIST-1D CNN, N = 1,000, {args.models} models "
+    print(f"# {describe()}; subsets stage, MNIST-1D CNN, N = 1,000, {args.models} models "
           f"in units of {args.block}, {args.epochs} epochs")
     for r in rows:
         print(f"{r['workers']} worker(s): {r['wall_seconds']:.1f} s for {r['units']} units, unit compute "

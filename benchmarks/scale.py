@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from pipelines.engine.executor import peak_rss, reset_peak_rss  # noqa: E402
 from pipelines.stages import RunContext, run_stages  # noqa: E402
 from pipelines.stages.subsets import subsets_config  # noqa: E402
 from pipelines.tasks import TaskData  # noqa: E402
+
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 N_TRAIN = 100  # training points: small, so the largest size fits the time budget; M and T are what grow
 C = 10
@@ -161,7 +162,7 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     root = Path(args.dir or tempfile.mkdtemp(prefix="dmu_scale_"))
     if not args.json:
-        print(f"# {platform.node()} {os.cpu_count()} cores, torch {torch.__version__}, N = {N_TRAIN}, C = {C}, "
+        print(f"# {describe()}, N = {N_TRAIN}, C = {C}, "
               f"Ray 2 CPUs, stores in {root}")
         print(f"{'models':>7} {'targets':>8} {'logits':>9} {'driver peak':>12} {'unit peak':>10} {'units':>6} "
               f"{'seconds':>8} {'recovery':>9}")

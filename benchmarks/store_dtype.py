@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.lds import lds  # noqa: E402
 from attribution.store import bytes_on_disk, find_stores, open_group  # noqa: E402
-from pipelines.stages import load_run_config  # noqa: E402
+from pipelines.rundir.layout import load_run_config  # noqa: E402
 from pipelines.tasks import get_task  # noqa: E402
 from unlearning.klom import margins  # noqa: E402
+
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def stored_lds(run: Path) -> tuple[float, float]:
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories to compare")
     args = parser.parse_args()
+    print(f"# {describe()}")
     for run in map(Path, args.runs):
         dtypes = (open_group(run / "subsets.zarr")["logits"].dtype,
                   open_group(run / "datamodels" / "lasso.zarr")["weights"].dtype)

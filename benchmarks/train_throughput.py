@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -30,6 +29,8 @@ from attribution.masks import model_seeds, sample_masks
 from pipelines.config import RecipeConfig, TaskConfig
 from pipelines.tasks import Task, TaskData, get_task
 from pipelines.engine.training import CPU_PACK_SIZE, train_models
+
+from machine import cpu_model, describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def flop_per_example(task: Task, data: TaskData, batch: int = 100) -> float:
@@ -88,15 +89,14 @@ def main() -> None:
     for row in rows:
         row["limit_s_per_model"] = row["flop_per_model"] / rate
         row["fraction_of_limit"] = row["limit_s_per_model"] / row["s_per_model"]
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "load_average": os.getloadavg(), "matmul_flops": rate,
                "matmul_flops_each_run": rates, "flop_per_example": flop_example, "arch": args.arch,
                "n_train": data.n_train, "recipe": dataclasses.asdict(task.recipe)}
     if args.json:
         print(json.dumps({"machine": machine, "engines": rows}, indent=1))
         return
-    print(f"# train_throughput: {machine['cpu']}, {machine['cores']} cores, {args.threads} torch threads, "
-          f"torch {torch.__version__}, device cpu, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"# train_throughput: {describe()}, {args.threads} torch threads, device cpu, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"# MNIST-1D {args.arch}, N={data.n_train}, alpha=0.5, recipe {task.recipe}")
     print(f"# {flop_example:,.0f} FLOP per example (forward + backward); 2048^2 fp32 matmul "
           f"{rate / 1e9:.0f} GFLOP/s (median of {', '.join(f'{x / 1e9:.0f}' for x in rates)})")

@@ -19,23 +19,16 @@ import numpy as np
 import torch
 
 from attribution.store import read
-from pipelines.rundir.reuse import store_path
-from pipelines.stages import forget_sets as forget_sets_stage
-from pipelines.stages import load_run_config
-from pipelines.stages.models import om_target, open_models
-from pipelines.stages.unlearn import (
-    DATAMODEL_METHODS,
-    datamodel_rows,
-    load_tuned,
-    method_inputs,
-    method_seed,
-    unlearn_model,
-    unlearn_pack,
-    variants,
-)
-from pipelines.tasks import get_task
+from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
 from pipelines.engine.training import CPU_PACK_SIZE, packed_forward
+from pipelines.rundir.layout import datamodel_rows, load_forget_sets, load_run_config, load_tuned, om_targets, open_models
+from pipelines.rundir.reuse import store_path
+from pipelines.rundir.seeds import method_seed
+from pipelines.rundir.variants import DATAMODEL_METHODS, variants
+from pipelines.tasks import get_task
 from unlearning import METHODS
+
+from machine import describe  # benchmarks/machine.py: scripts run as files, their folder on sys.path
 
 
 def main() -> None:
@@ -51,7 +44,7 @@ def main() -> None:
     cfg = load_run_config(args.run)
     task = get_task(cfg.task)
     data = task.load_data()
-    sets = forget_sets_stage.load(args.run)
+    sets = load_forget_sets(args.run)
     fs = args.forget_set or next(iter(sets))
     forget = sets[fs]
     models = open_models(args.run)
@@ -59,15 +52,18 @@ def main() -> None:
     forward = packed_forward(task, task.build_model(data.num_classes, 0), data.x_train[:1])
     device = torch.device("cpu")
 
+    if not args.json:
+        print(f"# {describe()}, {args.threads} torch threads")
     rows = []
     for v in variants(cfg, load_tuned(args.run, cfg)):
         weights = datamodel_rows(args.run, v.datamodel, forget, data) if v.method in DATAMODEL_METHODS else None
-        mean = om_target(models, fs, "oracle") if v.method == "oracle_matching" else None
-        inputs = method_inputs(v.method, oracle_mean=mean, weight_rows=weights, n_train=data.n_train)
+        targets = (om_targets(models, fs, slice(0, args.models), data.n_train)
+                   if v.method == "oracle_matching" else None)
+        inputs = method_inputs(v.method, oracle_targets=targets, weight_rows=weights)
         seeds = [method_seed(cfg.seed, k, fs, v.method) for k in range(args.models)]
         start = time.perf_counter()
         alone = [unlearn_model(task, data, params[g], v.method, forget, seed=seeds[g], hparams=v.hparams,
-                               inputs=inputs, device=device)[1] for g in range(args.models)]
+                               inputs=one_model_inputs(v.method, inputs, g), device=device)[1] for g in range(args.models)]
         single = (time.perf_counter() - start) / args.models
         packs = METHODS[v.method].packed is not None and forward is not None
         packed, gap = single, 0.0

@@ -518,6 +518,7 @@ def unlearning_method(hyperparameters: type, *, packs: bool = False,
         )
         method.Hyperparameters = hyperparameters
         method.inputs = inputs
+        method.per_model = per_model
         method.packed = packed if packs else None
         return method
 

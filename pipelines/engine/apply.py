@@ -60,6 +60,12 @@ def unlearn_pack(task: Task, data: TaskData, params: np.ndarray, method: str, fo
     return [(logits[g], original + r.cost, r.info) for g, r in enumerate(results)]
 
 
+def one_model_inputs(method: str, inputs: dict, g: int) -> dict:
+    """Model g's share of a pack's inputs (`method_inputs`): entry g of each per-model input, the rest as is."""
+    per_model = get_method(method).per_model
+    return {name: v[g] if name in per_model and v is not None else v for name, v in inputs.items()}
+
+
 def method_inputs(method: str, *, oracle_targets: np.ndarray | None, weight_rows: np.ndarray | None) -> dict:
     """The method's inputs: OM's per-model targets (G, N, C) as a list of G arrays, the datamodel methods'
     forget rows."""

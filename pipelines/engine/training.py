@@ -6,7 +6,7 @@ state are its own, so a block gives the same models however it is scheduled. Whe
 forward, the block trains as one computation (Adam and weight decay act elementwise, and the loss is a sum of the
 per-model means, so each model follows exactly its own gradient); without one, the block is packed generically
 (`torch.vmap` of the model's forward) where the model allows it, and trains one model at a time otherwise. Task,
-TaskData and Recipe are declared in pipelines/tasks (imported from there, and re-exported here as before).
+TaskData and Recipe are declared in pipelines/tasks (imported from there, and re-exported here).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _map_packs(train: Callable[[int], tuple], starts: Sequence[int], threads: in
     """train(start) for every pack, in order. With several CPU threads and several packs, the packs run side by
     side in that many Python threads, each pack on one torch thread (torch releases the GIL inside its operators):
     measured on this 2-core CPU, 1.15x the rate of one pack at a time on 2 torch threads, whose small operators
-    split badly (benchmarks/train_throughput.py). A single pack uses the threads inside its operators, as before."""
+    split badly (benchmarks/train_throughput.py). A single pack uses the threads inside its operators."""
     if threads <= 1 or len(starts) <= 1:
         return [train(i) for i in starts]
     previous = torch.get_num_threads()

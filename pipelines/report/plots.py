@@ -138,7 +138,7 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
         names = method_order([n for n in values if n != "oracle floor"])
         names += ["oracle floor"] if "oracle floor" in values else []
         data = [values[n] for n in names]
-        box = ax.boxplot(data, vert=False, whis=(5, 95), showfliers=True, patch_artist=True, widths=0.6,
+        box = ax.boxplot(data, orientation="horizontal", whis=(5, 95), showfliers=True, patch_artist=True, widths=0.6,
                          flierprops={"markersize": 3, "alpha": 0.5}, medianprops={"color": "black"})
         for patch, name in zip(box["boxes"], names):
             patch.set_facecolor(colors.get(_series(name), (0.8, 0.8, 0.8, 1.0)))

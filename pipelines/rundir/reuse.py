@@ -173,7 +173,7 @@ def reuse_store(ctx: RunContext, rel: str, config: dict) -> bool:
     config = normalise_config(config)
     links = read_links(run_dir)
     current = links.get(rel)
-    if current is None and not ctx.cfg.reuse:  # a run that reuses nothing: as before
+    if current is None and not ctx.cfg.reuse:  # a run that reuses nothing computes its own
         return False
     if _present(run_dir / rel):
         if current is not None:  # made here after all (e.g. by hand): the run's own store wins

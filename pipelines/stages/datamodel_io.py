@@ -22,6 +22,7 @@ from attribution.masks import model_seeds
 from attribution.store import (
     ArraySpec,
     StoreError,
+    as_path,
     location,
     normalise_config,
     open_group,
@@ -42,6 +43,9 @@ log = logging.getLogger("dmu")
 KIND = "datamodels"
 ROW_CHUNK = 256  # training points per Zarr chunk of the weights: a forget request reads ceil(|F| rows / 256) chunks
 CHECK_TARGETS = 1024  # targets per read when the driver checks the subset logits (a multiple of their 128-chunks)
+# subsets.zarr attr: the number of done models whose logits were found finite, so that later stages skip the scan
+# (the whole store: 48 GB at CIFAR-10 size) until the subsets stage finishes more models
+CHECKED_ATTR = "finite_checked_done"
 Rows = slice | np.ndarray  # model rows: a slice or an index array
 
 
@@ -127,6 +131,21 @@ class SubsetSource:
         return logits, margins(logits, self.labels[targets]).astype(np.float32)
 
 
+def check_finite(logits: zarr.Array, path, failed: np.ndarray) -> None:
+    """Refuse subset logits with a non-finite value outside the failed rows, reading one block of models x
+    CHECK_TARGETS targets at a time (the check's memory grows with neither M nor T)."""
+    block = logits.shards[0] if logits.shards else logits.chunks[0]
+    bad: set[int] = set()
+    for start in range(0, logits.shape[0], block):
+        for t0 in range(0, logits.shape[1], CHECK_TARGETS):
+            rows = read(logits, (slice(start, start + block), slice(t0, t0 + CHECK_TARGETS)), store=path)
+            bad.update((start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist())
+    bad = sorted(bad - set(failed.tolist()))
+    if bad:
+        raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
+                         "store) or lower the learning rate")
+
+
 def open_subsets(ctx: RunContext) -> SubsetSource:
     """subsets.zarr of this run, checked against its task and config, complete and finite (read in blocks of
     models, so the check holds one block's logits at a time).
@@ -157,17 +176,10 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     if masks.shape[0] != logits.shape[0]:
         raise StoreError(f"subsets.zarr has {masks.shape[0]} masks but {logits.shape[0]} rows of logits: the store "
                          "is damaged; recompute it in a new run directory")
-    # one block of models x CHECK_TARGETS targets at a time: the check's memory grows with neither M nor T
-    block = logits.shards[0] if logits.shards else logits.chunks[0]
-    bad: set[int] = set()
-    for start in range(0, logits.shape[0], block):
-        for t0 in range(0, logits.shape[1], CHECK_TARGETS):
-            rows = read(logits, (slice(start, start + block), slice(t0, t0 + CHECK_TARGETS)), store=path)
-            bad.update((start + np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(1))).tolist())
-    bad = sorted(bad - set(failed.tolist()))
-    if bad:
-        raise StoreError(f"subsets.zarr has non-finite logits in models {bad[:5]}: retrain them (delete the "
-                         "store) or lower the learning rate")
+    if group.attrs.get(CHECKED_ATTR) != int(done.sum()):
+        check_finite(logits, path, failed)
+        if path == as_path(ctx.run_dir) / "subsets.zarr":  # a reused run's store stays read-only
+            open_group(path, mode="r+").attrs[CHECKED_ATTR] = int(done.sum())
     splits = split(logits.shape[0], d.n_val, d.n_lds, failed)
     if len(failed):
         log.warning("datamodels.drop_failed: dropping %d failed subset models (rows %s); fitting on %d, "

@@ -25,7 +25,7 @@ from torch import nn
 from attribution.masks import model_seeds
 from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, read
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
-from pipelines.engine.apply import method_inputs, unlearn_model, unlearn_pack
+from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
 from pipelines.engine.training import default_device, pack_size_for, packed_forward, train_models
 from pipelines.rundir.layout import (
     datamodel_rows,
@@ -92,7 +92,8 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
                                          device=device, forward=forward)]
     else:
         results = [unlearn_model(task, data, full_params[i], variant.method, forget_idx, seed=seeds[i],
-                                 hparams=variant.hparams, inputs=inputs, device=device)[1:]
+                                 hparams=variant.hparams, inputs=one_model_inputs(variant.method, inputs, i),
+                                 device=device)[1:]
                    for i in range(stop - start)]
     out: dict[str, list] = {name: [] for name in ("logits", "seconds", "example_passes", "steps", "stopped_by",
                                                    "final_loss")}

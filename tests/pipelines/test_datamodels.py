@@ -182,3 +182,21 @@ def test_float16_logits_are_stored_half_and_read_as_float32(tmp_path):
     assert group["logits"].dtype == np.float16 and group["logits"].shards == (2, 384, C)
     assert group["logits"].chunks == (2, 128, C)  # read by 128 targets, written by whole shards
     np.testing.assert_array_equal(group["logits"][:2], logits.astype(np.float16))
+
+
+def test_subset_logits_are_scanned_for_finiteness_once(tmp_path, monkeypatch):
+    from pipelines.stages import datamodel_io
+
+    ctx, *_ = planted_run(tmp_path)
+    scans = []
+    real = datamodel_io.check_finite
+    monkeypatch.setattr(datamodel_io, "check_finite", lambda *a: (scans.append(1), real(*a)))
+    first = datamodel_io.open_subsets(ctx)
+    again = datamodel_io.open_subsets(ctx)
+    assert len(scans) == 1 and first.splits[0].tolist() == again.splits[0].tolist()
+    group = zarr.open_group(str(ctx.run_dir / "subsets.zarr"), mode="r+")
+    assert group.attrs[datamodel_io.CHECKED_ATTR] == group["done"].shape[0]
+    # a store whose done models changed since (the subsets stage finished more) is scanned again
+    group.attrs[datamodel_io.CHECKED_ATTR] = 0
+    datamodel_io.open_subsets(ctx)
+    assert len(scans) == 2

@@ -60,3 +60,15 @@ def test_packed_cnn_equals_one_at_a_time(method, hparams, trained):
             np.testing.assert_allclose(p_info["epoch_losses"], info["epoch_losses"], rtol=1e-4)
         # the unlearning moved the model (the comparison is not between two unchanged models)
         assert not np.allclose(state_vector(model).numpy(), params[g])
+
+
+def test_one_model_inputs_give_each_model_its_own_oracle():
+    from pipelines.engine.apply import method_inputs, one_model_inputs
+
+    targets = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 3 models' own oracles, N = 4, C = 2
+    pack = method_inputs("oracle_matching", oracle_targets=targets, weight_rows=None)
+    for g in range(3):
+        np.testing.assert_array_equal(one_model_inputs("oracle_matching", pack, g)["oracle_logits"], targets[g])
+    rows = np.ones((2, 5, 3), np.float32)
+    dm = method_inputs("dm_matching", oracle_targets=None, weight_rows=rows)
+    assert one_model_inputs("dm_matching", dm, 1)["datamodel_weights"] is rows  # shared by every model
