@@ -1,5 +1,5 @@
-"""Shared fixtures: a real local Ray instance (session-wide), a local S3-compatible server, small configs on the
-embedded MNIST-1D task."""
+"""Shared fixtures and helpers: a real local Ray instance (session-wide), a local S3-compatible server, small
+configs on the embedded MNIST-1D task, the tiny digits run of examples/ (`digits_run`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import logging
 import os
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from attribution.store import close_object_stores
 from pipelines.config import ExecutorConfig, RecipeConfig, RunConfig, SubsetsConfig, TaskConfig
@@ -107,3 +109,46 @@ def small_config(tmp_path, *, kind: str = "serial", n_models: int = 12, block: i
         task=TaskConfig(n_train=200, n_test=50, recipe=RecipeConfig(epochs=epochs, batch_size=32)),
         subsets=SubsetsConfig(n_models=n_models, block_size=block, keep_params=keep_params),
         executor=ExecutorConfig(kind=kind, cpus_per_unit=1))
+
+
+# ---- the tiny digits run (examples/), shared by tests/test_examples.py and tests/pipelines/test_api.py --------
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_METHODS = ["do_nothing", "dm_direct", "gradient_ascent"]
+
+# What the tiny run changes in examples/digits.yaml: 200 + 100 images, 4 epochs, 32 subset models (20 fit, 4
+# validation, 8 LDS), K = 2, two forget sets, three cheap methods, in-process.
+TINY = {
+    "task": {"n_train": 200, "n_test": 100, "recipe": {"epochs": 4}},
+    "subsets": {"n_models": 32, "block_size": 8},
+    # 20 fit models for 200 points: a short λ path (the dense end converges slowly and is never chosen here)
+    "datamodels": {"n_val": 4, "n_lds": 8, "n_lambdas": 6, "lambda_ratio": 0.3, "target_chunk": 128},
+    "forget_sets": {"random_sizes": [10], "full_class": 0, "pc_top_k": 0},
+    "models": {"k": 2, "om_target": "mean", "om_oracles": 1, "block_size": 2},
+    "unlearn": {"methods": TINY_METHODS},
+    "executor": {"kind": "serial"},
+}
+
+
+def tiny_digits_config(path: Path) -> Path:
+    """examples/digits.yaml with the TINY overrides, written to `path`."""
+    cfg = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
+    for section, values in TINY.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                cfg[section].setdefault(key, {}).update(value)
+            else:
+                cfg[section][key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """The run directory of the tiny digits pipeline, every stage done through `dmu run` (built once)."""
+    from pipelines.cli import main
+
+    base = tmp_path_factory.mktemp("digits")
+    run_dir = base / "run"
+    assert main(["run", str(tiny_digits_config(base / "digits_tiny.yaml")), "--run-dir", str(run_dir)]) == 0
+    return run_dir

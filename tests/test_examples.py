@@ -1,7 +1,7 @@
 """examples/: the digits task (a task of one's own, through `task.name: package.module:make_task`) run end to end
 on a tiny version of examples/digits.yaml, and the analysis scripts run on that run, their printed numbers
-checked against pipelines.api. The tiny run (`digits_run`) is built once per test session and shared with
-tests/pipelines/test_api.py."""
+checked against pipelines.api. The tiny run (`digits_run`, tests/conftest.py) is built once per test session and
+shared with tests/pipelines/test_api.py."""
 
 from __future__ import annotations
 
@@ -14,55 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from pipelines.cli import main
 from pipelines.config import ConfigError, RecipeConfig, TaskConfig
 from pipelines.tasks import Task, get_task
+from tests.conftest import ROOT, TINY_METHODS, tiny_digits_config
 
-ROOT = Path(__file__).resolve().parents[1]
 DIGITS = "examples.digits_task:make_task"
-TINY_METHODS = ["do_nothing", "dm_direct", "gradient_ascent"]
-
-# What the tiny run changes in examples/digits.yaml: 200 + 100 images, 4 epochs, 32 subset models (20 fit, 4
-# validation, 8 LDS), K = 2, two forget sets, three cheap methods, in-process.
-TINY = {
-    "task": {"n_train": 200, "n_test": 100, "recipe": {"epochs": 4}},
-    "subsets": {"n_models": 32, "block_size": 8},
-    # 20 fit models for 200 points: a short λ path (the dense end converges slowly and is never chosen here)
-    "datamodels": {"n_val": 4, "n_lds": 8, "n_lambdas": 6, "lambda_ratio": 0.3, "target_chunk": 128},
-    "forget_sets": {"random_sizes": [10], "full_class": 0, "pc_top_k": 0},
-    "models": {"k": 2, "om_target": "mean", "om_oracles": 1, "block_size": 2},
-    "unlearn": {"methods": TINY_METHODS},
-    "executor": {"kind": "serial"},
-}
-
-_BUILT: dict[str, Path] = {}
-
-
-def tiny_digits_config(path: Path) -> Path:
-    """examples/digits.yaml with the TINY overrides, written to `path`."""
-    cfg = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
-    for section, values in TINY.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                cfg[section].setdefault(key, {}).update(value)
-            else:
-                cfg[section][key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory) -> Path:
-    """The run directory of the tiny digits pipeline, every stage done through `dmu run` (built once)."""
-    if "run" not in _BUILT:
-        base = tmp_path_factory.mktemp("digits")
-        run_dir = base / "run"
-        config = tiny_digits_config(base / "digits_tiny.yaml")
-        assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
-        _BUILT["run"] = run_dir
-    return _BUILT["run"]
 
 
 # ---- the digits task ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
 @pytest.mark.ray

@@ -1,4 +1,4 @@
-"""pipelines.api (`open_run`) on the tiny digits run of tests/test_examples.py, against independent numpy
+"""pipelines.api (`open_run`) on the tiny digits run (tests/conftest.py), against independent numpy
 computations on the stores and against the report's metrics.json."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import zarr
 from attribution.store import StoreError
 from pipelines import Run, open_run
 from pipelines.config import RunConfig
-from tests.test_examples import TINY_METHODS, digits_run  # noqa: F401  (the shared tiny run, a fixture)
+from tests.conftest import TINY_METHODS
 from unlearning.klom import klom_summary
 
 
 @pytest.fixture(scope="module")
-def run(digits_run) -> Run:  # noqa: F811
+def run(digits_run) -> Run:
     return open_run(digits_run)
 
 
@@ -23,7 +23,7 @@ def raw(run_dir, store: str) -> zarr.Group:
     return zarr.open_group(str(run_dir / store), mode="r")
 
 
-def test_open_run_exposes_the_stores(run, digits_run):  # noqa: F811
+def test_open_run_exposes_the_stores(run, digits_run):
     assert isinstance(run.config, RunConfig) and run.config.task.name == "examples.digits_task:make_task"
     assert run.config.run_dir == str(run.run_dir)
     assert run.subsets["masks"].shape == (32, 200) and run.subsets["logits"].shape == (32, 300, 10)
@@ -47,7 +47,7 @@ def test_open_run_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("output", ["margin", "logits"])
-def test_predicted_effect_is_minus_the_removed_rows(run, digits_run, output):  # noqa: F811
+def test_predicted_effect_is_minus_the_removed_rows(run, digits_run, output):
     name = "margin_weights" if output == "margin" else "weights"
     weights = np.asarray(raw(digits_run, "datamodels/lasso.zarr")[name][:])
     remove = [3, 17, 150, 17]  # a repeat counts once
@@ -65,7 +65,7 @@ def test_predicted_effect_is_minus_the_removed_rows(run, digits_run, output):  #
         run.predicted_effect([200], output=output)
 
 
-def test_most_influential_is_an_argsort_of_the_column(run, digits_run):  # noqa: F811
+def test_most_influential_is_an_argsort_of_the_column(run, digits_run):
     store = raw(digits_run, "datamodels/lasso.zarr")
     column = np.asarray(store["margin_weights"][:, 250])
     idx, w = run.most_influential(250, k=7)

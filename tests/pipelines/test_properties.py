@@ -4,7 +4,7 @@ changes the run's stores.
 
 Configs go through `dmu run` (load_config, the run lock, run_stages' stage check and config.json) with the
 stages replaced by no-ops, except that `unlearn` runs what the real stage does before any work (check_methods),
-so nothing trains. Forget ids go through `dmu unlearn` on one tiny real run (tests/pipelines/test_stages.py's
+so nothing trains. Forget ids go through `dmu unlearn` on one tiny real run (tests/pipelines/conftest.py's
 build_run), with the cheap methods only.
 """
 
@@ -29,7 +29,7 @@ from hypothesis.extra import numpy as hnp
 import pipelines.stages
 from pipelines.cli import main
 from pipelines.config import validate
-from tests.pipelines.test_stages import build_run
+from tests.pipelines.conftest import build_run
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -56,7 +56,7 @@ def assert_works_or_one_clear_error(rc: int, stdout: str, stderr: str) -> None:
 
 # ---- configs through `dmu run` -----------------------------------------------------------------------------
 
-# tests/conftest.py's small_config / test_stages' stage_config, as YAML would hold it
+# tests/conftest.py's small_config / tests/pipelines/conftest.py's stage_config, as YAML would hold it
 BASE = {
     "name": "t", "seed": 7, "stages": ["forget_sets", "models", "unlearn"],
     "task": {"name": "mnist1d", "arch": "cnn", "n_train": 200, "n_test": 50,
@@ -178,7 +178,7 @@ N_TRAIN = 200
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny run of test_stages (forget sets, K = 2 full models, oracles, a hand datamodel store) and the hash
+    """The tiny run of the stage tests (forget sets, K = 2 full models, oracles, a hand datamodel store) and the hash
     of every file under it."""
     _, ctx, _ = build_run(tmp_path_factory.mktemp("props"), unlearn=False)
     return ctx.run_dir, tree_hash(ctx.run_dir)

@@ -22,7 +22,7 @@ from pipelines.cli import main
 from pipelines.config import to_dict
 from pipelines.rundir.lock import LOCK_NAME, RunLock
 from tests.conftest import small_config
-from tests.pipelines.test_subsets import InterruptAfter, run_subsets
+from tests.pipelines.conftest import InterruptAfter, run_subsets
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """`dmu unlearn`: one deletion request served from a run's stores (the tiny run of
-tests/pipelines/test_stages.py, with a hand-written datamodel store). The printed accuracies are checked
+tests/pipelines/conftest.py's build_run, with a hand-written datamodel store). The printed accuracies are checked
 against the written checkpoint loaded into the task's model; bad input ends with exit status 2 and one line
 on stderr.
 """
@@ -16,7 +16,7 @@ from pipelines.stages import RunContext
 from pipelines.rundir import layout
 from pipelines.tasks import get_task
 from pipelines.engine.training import predict_logits
-from tests.pipelines.test_stages import build_run, write_datamodels
+from tests.pipelines.conftest import build_run, write_datamodels
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from attribution.store import CorruptChunkError, read
 from pipelines.cli import main
 from pipelines.config import DatamodelsConfig, UnlearnConfig, to_dict
 from tests.conftest import small_config
-from tests.pipelines.test_stages import stage_config
+from tests.pipelines.conftest import stage_config
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_tasks_do_not_import_the_engine():
     code = ("import sys, pipelines.tasks.mnist1d, pipelines.tasks.cifar10; "
             "assert 'pipelines.engine.training' not in sys.modules, 'pipelines.tasks imports the engine'; "
             "from pipelines.engine.training import Recipe; assert Recipe is pipelines.tasks.Recipe")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])
 
 
 def test_packs_on_threads_equal_packs_one_after_another():

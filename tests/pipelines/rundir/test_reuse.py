@@ -34,7 +34,7 @@ from pipelines.config import (
 from pipelines.rundir.reuse import read_links, reuse_store, store_path
 from pipelines.stages import RunContext
 from tests.conftest import small_config
-from tests.pipelines.test_stages import run
+from tests.pipelines.conftest import run
 
 UPSTREAM = ["subsets", "datamodels", "forget_sets", "models"]
 STAGES = UPSTREAM + ["unlearn"]

@@ -21,7 +21,7 @@ from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
 from pipelines.stages import models as models_stage
 from pipelines.stages import subsets as subsets_stage
 from tests.conftest import small_config
-from tests.pipelines.test_stages import stage_config
+from tests.pipelines.conftest import stage_config
 
 N_TRAIN, N_TEST = 200, 50
 

@@ -1,8 +1,8 @@
 """The stages forget_sets, models and unlearn on a tiny MNIST-1D run (200 training + 50 test examples,
 K = 2), checked against hand computations: numpy / scikit-learn for the forget sets, direct retraining with
 the training engine for the models (and the floor oracles leaving the other rows bit for bit as they were), the
-datamodel formula for DM-Direct. The run is shared by the tests of
-this module and by tests/pipelines/test_unlearn_cli.py (`build_run`).
+datamodel formula for DM-Direct. The run (`build_run`, tests/pipelines/conftest.py) is the one the CLI, tune and
+property tests build too.
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import zarr
 from sklearn.decomposition import PCA
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, StoreError, open_or_create
+from attribution.store import StoreError
 from pipelines.cli import main
 from pipelines.config import ConfigError, ForgetSetsConfig, ModelsConfig, UnlearnConfig
 from pipelines.stages import RunContext, run_stages
@@ -25,65 +25,11 @@ from pipelines.rundir.seeds import FULL_STREAM, oracle_stream
 from pipelines.stages.forget_sets import class_forget_set, pc_forget_sets, random_forget_set
 from pipelines.tasks import get_task
 from pipelines.engine.training import load_state_vector, predict_logits, train_models
-from tests.conftest import small_config
-from tests.pipelines.test_subsets import InterruptAfter
-from unlearning import METHODS
+from tests.pipelines.conftest import (ALL_METHODS, K, InterruptAfter, build_run, run, stage_config,
+                                     write_datamodels)
 
-K = 2
 OM_ORACLES = K  # models.om_target "own": one Oracle Matching oracle per full model
 N_ORACLES = 2 * K + OM_ORACLES  # per forget set: K reference, OM_ORACLES for Oracle Matching, K floor oracles
-ALL_METHODS = tuple(m for m in METHODS if m != "retrain")
-# Keep the tiny run fast: MU-Mis's double-backward steps are the slowest part of the unlearn stage.
-FAST_HPARAMS = {"mu_mis": {"max_steps": 20}}
-
-
-def stage_config(tmp_path, *, methods=ALL_METHODS, random_sizes=(10,), full_class=0, pc_top_k=0, pc_ends=0):
-    """small_config (seed 7, 200 + 50 examples), forget sets random_10 and class_0, K = 2, an OM oracle of its
-    own per full model, 2 floor oracles."""
-    return dataclasses.replace(
-        small_config(tmp_path, epochs=8),
-        forget_sets=ForgetSetsConfig(random_sizes=random_sizes, full_class=full_class, pc_top_k=pc_top_k,
-                                     pc_ends=pc_ends),
-        models=ModelsConfig(k=K, block_size=2),
-        unlearn=UnlearnConfig(methods=methods, hparams=FAST_HPARAMS))
-
-
-def run(cfg, stages, executor=None) -> RunContext:
-    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir(), _executor=executor)
-    try:
-        run_stages(ctx, stages)
-    finally:
-        ctx.close()
-    return ctx
-
-
-def write_datamodels(ctx: RunContext, *, seed: int = 0, shape: tuple | None = None, name: str = "lasso",
-                     margin_weights: np.ndarray | None = None, fingerprint: str | None = None) -> np.ndarray:
-    """A datamodel store written by hand: random `weights` (N, T, C) (or `shape`) and, optionally,
-    `margin_weights` (N, T), for the task's dataset (or the one of `fingerprint`). Returns the weights."""
-    data = ctx.data
-    shape = shape or (data.n_train, data.n_targets, data.num_classes)
-    weights = (np.random.default_rng(seed).standard_normal(shape) * 0.05).astype(np.float32)
-    arrays = {"weights": ArraySpec(shape, "float32", (64, *shape[1:]))}
-    if margin_weights is not None:
-        arrays["margin_weights"] = ArraySpec(margin_weights.shape, "float32", margin_weights.shape)
-    group = open_or_create(ctx.run_dir / "datamodels" / f"{name}.zarr", arrays, kind="datamodels",
-                           config={"written_by": "test", "seed": seed},
-                           attrs={"dataset_fingerprint": fingerprint or data.fingerprint()})
-    group["weights"][:] = weights
-    if margin_weights is not None:
-        group["margin_weights"][:] = margin_weights
-    return weights
-
-
-def build_run(tmp_path, *, methods=ALL_METHODS, unlearn: bool = True):
-    """forget_sets + models (+ a hand datamodel store, + unlearn) in tmp_path/run -> (cfg, ctx, weights)."""
-    cfg = stage_config(tmp_path, methods=methods)
-    ctx = run(cfg, ["forget_sets", "models"])
-    weights = write_datamodels(ctx)
-    if unlearn:
-        run(cfg, ["unlearn"])
-    return cfg, ctx, weights
 
 
 @pytest.fixture(scope="module")

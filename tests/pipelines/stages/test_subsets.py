@@ -10,18 +10,8 @@ from attribution.masks import sample_masks
 from attribution.store import StoreError
 from pipelines.cli import main
 from pipelines.config import RecipeConfig
-from pipelines.engine.executor import SerialExecutor
-from pipelines.stages import RunContext, run_stages
 from tests.conftest import small_config
-
-
-def run_subsets(cfg, executor=None):
-    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir(), _executor=executor)
-    try:
-        run_stages(ctx, ["subsets"])
-    finally:
-        ctx.close()
-    return zarr.open_group(str(ctx.run_dir / "subsets.zarr"), mode="r")
+from tests.pipelines.conftest import InterruptAfter, run_subsets
 
 
 @pytest.mark.ray
@@ -44,21 +34,6 @@ def test_store_reads_with_plain_zarr(tmp_path):
     # subset models learn: mean test accuracy well above chance (0.1)
     acc = (logits[:, 200:].argmax(-1) == np.load("data/mnist1d.npz")["y_test"][:50]).mean()
     assert acc > 0.15
-
-
-class InterruptAfter(SerialExecutor):
-    """Serial executor that is interrupted (Ctrl-C) after `n` units, counting the units it runs."""
-
-    def __init__(self, n: int | None):
-        super().__init__(1)
-        self.n, self.units = n, []
-
-    def map_unordered(self, fn, units, shared=None):
-        for unit, result in super().map_unordered(fn, units, shared):
-            self.units.append(unit)
-            yield unit, result
-            if self.n is not None and len(self.units) >= self.n:
-                raise KeyboardInterrupt
 
 
 def test_interrupted_run_resumes_without_retraining(tmp_path):

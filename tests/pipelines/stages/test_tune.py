@@ -1,4 +1,4 @@
-"""The tune stage and the unlearn stage's variants on a tiny MNIST-1D run (tests/pipelines/test_stages.py's):
+"""The tune stage and the unlearn stage's variants on a tiny MNIST-1D run (tests/pipelines/conftest.py's):
 tuning sets disjoint from every evaluated set, with their own full models and half of the test targets; a choice
 that is the argmin of KLOM recomputed here from the stores, grids widened where a choice sits at an end, a
 tune.json byte for byte unchanged when everything the report evaluates is poisoned, used by `unlearn`; budgets and
@@ -18,7 +18,7 @@ from pipelines.report.evaluate import json_safe
 from pipelines.rundir import layout
 from pipelines.rundir.variants import Variant, parse_store_name, store_name_of
 from pipelines.stages import tune as tune_stage
-from tests.pipelines.test_stages import run, stage_config, write_datamodels
+from tests.pipelines.conftest import run, stage_config, write_datamodels
 from unlearning import METHODS as ALL
 from unlearning.klom import klom, margins
 
