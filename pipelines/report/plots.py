@@ -1,6 +1,6 @@
 """The report's plots: reads the metrics dict and the per-point KLOM of report.evaluate (evaluate_run);
-writes PNG files (a local path or an object-store URL) and returns nothing. matplotlib's object API with the Agg
-canvas: no pyplot global state, no display needed.
+writes PNG files (a local path or an object-store URL) and returns the numbers each one drew. matplotlib's
+object API with the Agg canvas: no pyplot global state, no display needed.
 """
 
 from __future__ import annotations
@@ -129,11 +129,14 @@ def plot_klom_vs_cost(metrics: dict, path) -> dict:
     return data
 
 
-def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
+def plot_klom_distributions(per_point: dict, metrics: dict, path) -> dict:
     """Per forget set: box plots of per-point KLOM on the forget points, one box per method and the oracle
-    floor; whiskers at the 5th and 95th percentiles, so the right whisker is the headline p95."""
+    floor; whiskers at the 5th and 95th percentiles (each ends at the last forget point inside them, so the
+    right whisker is at most the headline p95). Returns what was drawn: {forget set: {method or "oracle
+    floor": {"p5", "q1", "median", "q3", "p95"}}}, whisker ends, box edges and median, boxes top to bottom."""
     colors = method_colors(metrics)
     fig, axes = _figure(len(per_point), panel_size=(5.0, 0.42 * (len(colors) + 2) + 1.4), sharex=True)
+    drawn = {}
     for ax, (fs, values) in zip(axes, per_point.items()):
         names = method_order([n for n in values if n != "oracle floor"])
         names += ["oracle floor"] if "oracle floor" in values else []
@@ -143,6 +146,12 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
         for patch, name in zip(box["boxes"], names):
             patch.set_facecolor(colors.get(_series(name), (0.8, 0.8, 0.8, 1.0)))
             patch.set_alpha(0.75)
+        whiskers = [float(w.get_xdata()[1]) for w in box["whiskers"]]  # each from its box edge outwards
+        edges = [float(w.get_xdata()[0]) for w in box["whiskers"]]
+        medians = [float(m.get_xdata()[0]) for m in box["medians"]]
+        drawn[fs] = {name: {"p5": whiskers[2 * i], "q1": edges[2 * i], "median": medians[i],
+                            "q3": edges[2 * i + 1], "p95": whiskers[2 * i + 1]}
+                     for i, name in enumerate(names)}
         floor = metrics["forget_sets"][fs]["oracle_floor"]
         ax.set_yticks(range(1, len(names) + 1),
                       [n if n != "oracle floor" else floor_label(floor) for n in names], fontsize=8)
@@ -153,19 +162,23 @@ def plot_klom_distributions(per_point: dict, metrics: dict, path) -> None:
     fig.suptitle(f"KLOM on the forget points, K = {metrics['k']} models per side (whiskers: 5th-95th pct)",
                  fontsize=11)
     save_figure(fig, path, dpi=110)
+    return drawn
 
 
-def plot_lds_curve(datamodels: dict, path) -> None:
-    """LDS against the number of subset models (LASSO) or checkpoints (TRAK), log2 x axis."""
+def plot_lds_curve(datamodels: dict, path) -> dict:
+    """LDS against the number of subset models (LASSO) or checkpoints (TRAK), log2 x axis. Returns what was
+    drawn: {datamodel: [[budget, LDS], ...] in budget order} (datamodels without a curve left out)."""
     fig, (ax,) = _figure(1, panel_size=(6.0, 4.0))
+    drawn = {}
     unit = {"lasso": "subset models", "trak": "checkpoints"}
     for i, (name, d) in enumerate(datamodels.items()):
         curve = np.asarray(d.get("lds_curve") or [], dtype=float)
         if curve.size == 0:
             continue
         curve = curve[np.argsort(curve[:, 0])]
-        ax.plot(curve[:, 0], curve[:, 1], marker=MARKERS[i % len(MARKERS)], lw=1.6,
-                label=f"{name.upper()} (x = {unit.get(name, 'models')})")
+        (line,) = ax.plot(curve[:, 0], curve[:, 1], marker=MARKERS[i % len(MARKERS)], lw=1.6,
+                          label=f"{name.upper()} (x = {unit.get(name, 'models')})")
+        drawn[name] = line.get_xydata().tolist()
     ax.set_xscale("log")
     ticks = sorted({int(x) for d in datamodels.values() for x, _ in d.get("lds_curve") or []})
     ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)  # the budgets measured, as plain numbers
@@ -176,11 +189,14 @@ def plot_lds_curve(datamodels: dict, path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path, dpi=110)
+    return drawn
 
 
-def plot_linear(result: dict, path) -> None:
+def plot_linear(result: dict, path) -> dict:
     """Relative distance to theta_R vs iteration (log scale), one line per method (geometric mean over seeds),
-    shaded between the best and worst seed; the dashed line is the tolerance."""
+    shaded between the best and worst seed; the dashed line is the tolerance. Returns what was drawn:
+    {"tolerance": float, "methods": {name: {"center", "low", "high"}}}, one value per iteration each (NaN
+    where a seed diverged)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -188,6 +204,7 @@ def plot_linear(result: dict, path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     initial = np.array(result["initial_distance"], dtype=float)[:, None]
+    drawn = {"tolerance": float(result["tolerance"]), "methods": {}}
     for name, entry in result["methods"].items():
         per_seed = np.array([[np.nan if v is None else v for v in c] for c in entry["per_seed"]], dtype=float)
         rel = np.clip(per_seed / initial, 1e-16, None)  # float64 round-off floor; keeps the log axis finite
@@ -195,6 +212,8 @@ def plot_linear(result: dict, path) -> None:
         center = np.exp(np.log(rel).mean(axis=0))
         (line,) = ax.plot(steps, center, label=entry["label"], lw=1.6)
         ax.fill_between(steps, rel.min(axis=0), rel.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+        drawn["methods"][name] = {"center": line.get_ydata().tolist(), "low": rel.min(axis=0).tolist(),
+                                  "high": rel.max(axis=0).tolist()}
     ax.axhline(result["tolerance"], color="grey", ls="--", lw=1, label=f"tolerance ({result['tolerance']:g})")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
@@ -205,3 +224,4 @@ def plot_linear(result: dict, path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)  # a local path, or a run's report/ on an object store
+    return drawn

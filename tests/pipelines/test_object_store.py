@@ -124,8 +124,15 @@ def test_report_written_to_the_bucket(runs):
     assert metrics["run"] == "run" and sorted(metrics["forget_sets"]) == ["pc1_top5", "pc2_top5"]
     assert sorted(metrics["forget_sets"]["pc1_top5"]["methods"]) == sorted(METHODS)
     assert "pc1_top5" in fs.cat(f"{report}/report.md").decode()
-    for png in ("klom_vs_cost.png", "linear.png"):
-        assert fs.cat(f"{report}/{png}")[:8] == b"\x89PNG\r\n\x1a\n"
+    # the Figure-2 plot's data beside it: per method, (cost fraction, forget KLOM p99) from metrics.json
+    drawn = json.loads(fs.cat(f"{report}/klom_vs_cost.json"))
+    for name, entry in metrics["forget_sets"].items():
+        curves = drawn[name]["forget"]["curves"]
+        assert sorted(curves) == sorted(METHODS)
+        for method, m in entry["methods"].items():
+            assert curves[method] == [[m["cost"]["passes_fraction"], pytest.approx(m["klom"]["forget"]["p99"])]]
+    for png in ("klom_distributions.png", "klom_vs_cost.png", "linear.png"):
+        assert fs.size(f"{report}/{png}") > 0
     assert not fs.exists(f"{report}/metrics.tmp")
 
 

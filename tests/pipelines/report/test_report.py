@@ -1,13 +1,12 @@
 """The report on a hand-built run dir (K=6, N=30, T=40, C=3, two forget sets): KLOM against klom.klom and a
 per-point np.histogram reference, accuracies against a hand count, cost against its formula, MIA against
 population_mia, the oracle floor (K floor oracles vs the K reference oracles, or two halves of the reference where
-the floor oracles are missing), the markdown rows, valid PNGs, and incomplete stores skipped and named."""
+the floor oracles are missing), the markdown rows, what each plot drew, and incomplete stores skipped and named."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -15,9 +14,10 @@ import zarr
 from scipy.stats import entropy
 
 from attribution.store import ArraySpec, StoreError, open_or_create
-from pipelines.report.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, grid_edges
+from pipelines.report.evaluate import INTERVAL_LEVEL, N_SUBSAMPLES, POINT_SETS, evaluate_run, grid_edges
 from pipelines.stages.linear import linear_experiment
 from pipelines.report import build_report
+from pipelines.report.plots import plot_klom_distributions, plot_lds_curve
 from pipelines.rundir.layout import stored_oracle_rows
 from unlearning.klom import N_BINS, klom, klom_intervals, klom_summary, margins, oracle_floor
 from unlearning.metrics import lira_mia, per_example_loss, population_mia
@@ -28,6 +28,8 @@ FORGET_SETS = {"random_5": [1, 4, 9, 17, 22], "random_8": [0, 3, 5, 8, 13, 21, 2
 # random_5's floor oracles are trained; random_8's are not all done, so its floor falls back to the half split.
 FLOOR_DONE = {"random_5": True, "random_8": False}
 METHODS = ("do_nothing", "perfect", "bad")
+# (budget, LDS) per datamodel store
+LDS_CURVES = {"lasso": [[300, 0.27], [600, 0.37], [1200, 0.45]], "trak": [[10, 0.32], [50, 0.48]]}
 
 
 def draw_logits(rng, labels, trained: np.ndarray, n_models: int) -> np.ndarray:
@@ -114,10 +116,9 @@ def run(tmp_path_factory):
                  "targets": {"train": [0, N], "test": [N, T]}})
     write_store(run_dir / "datamodels" / "lasso.zarr", {}, "datamodels",
                 {"lds_mean": 0.41, "lds_margin_mean": 0.45, "lds_margin_test_mean": 0.312,
-                 "lds_test_mean": 0.287, "lds_margin_train_mean": 0.623,
-                 "lds_curve": [[300, 0.27], [600, 0.37], [1200, 0.45]]})
+                 "lds_test_mean": 0.287, "lds_margin_train_mean": 0.623, "lds_curve": LDS_CURVES["lasso"]})
     write_store(run_dir / "datamodels" / "trak.zarr", {}, "datamodels",
-                {"lds_mean": 0.3, "lds_curve": [[10, 0.32], [50, 0.48]]})
+                {"lds_mean": 0.3, "lds_curve": LDS_CURVES["trak"]})
     linear = linear_experiment(iters=200, seeds=(0,))
     metrics = build_report(run_dir, labels, seed=SEED, linear=linear)
     return run_dir, metrics, truth
@@ -352,8 +353,6 @@ def test_metrics_json_and_markdown(run):
             (lo_a, hi_a), (lo_b, hi_b) = intervals[a], intervals[b]
             want = "" if a == b else "<" if hi_a < lo_b else ">" if lo_a > hi_b else "≈"
             assert got == want, (a, b)
-    for png in PNGS:
-        assert f"]({png})" in md
 
 
 def test_incomplete_store_is_skipped_and_reported(run):
@@ -368,12 +367,57 @@ def test_incomplete_store_is_skipped_and_reported(run):
 PNGS = ["klom_vs_cost.png", "klom_distributions.png", "lds_curve.png", "linear.png"]
 
 
-@pytest.mark.parametrize("name", PNGS)
-def test_plots_are_valid_pngs(run, name):
-    data = (run[0] / "report" / name).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])  # IHDR
-    assert width >= 400 and height >= 300 and len(data) > 10_000
+def test_every_plot_linked_from_the_report_is_written(run):
+    run_dir, _, _ = run
+    md = (run_dir / "report" / "report.md").read_text()
+    for name in PNGS:
+        assert f"]({name})" in md and (run_dir / "report" / name).stat().st_size > 0
+
+
+def drawn_box(values: np.ndarray) -> dict:
+    """A horizontal box of `values` as matplotlib draws it with whis=(5, 95): quartiles and median by
+    np.percentile, each whisker ending at the last value inside its percentile (the box edge if none)."""
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    lo, hi = np.percentile(values, [5, 95])
+    return {"p5": min(q1, values[values >= lo].min()), "q1": q1, "median": median, "q3": q3,
+            "p95": max(q3, values[values <= hi].max())}
+
+
+def test_klom_distributions_draw_the_per_point_klom(run, tmp_path):
+    """One box per method and the oracle floor (last) per forget set, of the per-point KLOM on the forget points
+    recomputed here: with np.histogram for the methods, from the floor oracles (random_5) or two halves of the
+    reference (random_8) for the floor. The right whisker is at most the headline p95."""
+    run_dir, metrics, truth = run
+    labels = truth["labels"]
+    _, per_point = evaluate_run(run_dir, labels, seed=SEED)
+    drawn = plot_klom_distributions(per_point, metrics, tmp_path / "klom_distributions.png")
+    assert list(drawn) == list(FORGET_SETS)
+    for fs, boxes in drawn.items():
+        assert list(boxes)[-1] == "oracle floor" and set(boxes) == {*truth["unlearned"][fs], "oracle floor"}
+        forget = point_sets(fs)["forget"]
+        oracle_m = margins(truth["oracles"][fs], labels)
+        for name, box in boxes.items():
+            if name == "oracle floor":
+                floor_m = margins(truth["floor_oracles"][fs], labels)
+                values = (np.array([slow_klom_point(oracle_m[:, j], floor_m[:, j]) for j in forget])
+                          if FLOOR_DONE[fs] else oracle_floor(oracle_m, SEED)[forget])
+                headline = metrics["forget_sets"][fs]["oracle_floor"]["klom"]["forget"]["p95"]
+            else:
+                u = margins(truth["unlearned"][fs][name]["logits"], labels)
+                values = np.array([slow_klom_point(oracle_m[:, j], u[:, j]) for j in forget])
+                headline = metrics["forget_sets"][fs]["methods"][name]["klom"]["forget"]["p95"]
+            assert box == pytest.approx(drawn_box(values), rel=1e-9, abs=1e-12), (fs, name)
+            assert box["p95"] <= headline + 1e-12
+
+
+def test_lds_curve_draws_each_stored_curve_in_budget_order(run, tmp_path):
+    """The stores' (budget, LDS) points, one curve per datamodel, in budget order whatever the order given; a
+    datamodel without a curve is not drawn."""
+    _, metrics, _ = run
+    drawn = plot_lds_curve(metrics["datamodels"], tmp_path / "lds_curve.png")
+    assert drawn == LDS_CURVES
+    assert plot_lds_curve({"lasso": {"lds_curve": [[8, 0.5], [4, 0.25]]}, "trak": {"lds_mean": 0.3}},
+                          tmp_path / "one.png") == {"lasso": [[4, 0.25], [8, 0.5]]}
 
 
 def test_bad_input_is_a_clear_error(run, tmp_path):

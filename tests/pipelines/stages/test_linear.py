@@ -1,11 +1,14 @@
 """The linear-model experiment (seed Figure 3): closed forms against scikit-learn and first-order conditions,
-gradients against finite differences, the seed's qualitative claims on 2 seeds, and the CLI's JSON."""
+gradients against finite differences, the seed's qualitative claims on 2 seeds, the CLI's JSON and what its
+plot draws."""
 
 import json
 
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
+
+from pipelines.report.plots import plot_linear
 
 from pipelines.stages.linear import (
     LinearSettings,
@@ -121,7 +124,25 @@ def test_main_prints_json(capsys, tmp_path):
         assert {"label", "mean", "per_seed", "iters_to_tol", "min_relative"} <= set(entry)
         assert len(entry["mean"]) == 51 and len(entry["per_seed"]) == 2
         assert len(entry["iters_to_tol"]) == 2
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 0
+
+
+def test_plot_draws_each_methods_geometric_mean_over_seeds(two_seeds, tmp_path):
+    """Per method, per iteration: the distance to theta_R relative to the first one, per seed (floored at 1e-16,
+    float64's round-off, for the log axis); the line is their geometric mean (of two seeds: its square is their
+    product), the band spans the lower and the higher seed."""
+    drawn = plot_linear(two_seeds, tmp_path / "linear.png")
+    assert drawn["tolerance"] == two_seeds["tolerance"] == 0.01
+    assert set(drawn["methods"]) == set(two_seeds["methods"])
+    for name, entry in two_seeds["methods"].items():
+        a, b = (np.maximum(np.array(curve) / d0, 1e-16)
+                for curve, d0 in zip(entry["per_seed"], two_seeds["initial_distance"]))
+        line = drawn["methods"][name]
+        assert len(line["center"]) == len(entry["mean"]) == 3001
+        np.testing.assert_allclose(np.square(line["center"]), a * b, rtol=1e-9)
+        np.testing.assert_array_equal(line["low"], np.minimum(a, b))
+        np.testing.assert_array_equal(line["high"], np.maximum(a, b))
+        assert line["center"][0] == pytest.approx(1.0)
 
 
 def test_plot_and_table_survive_a_diverged_method(tmp_path, capsys):
@@ -130,11 +151,14 @@ def test_plot_and_table_survive_a_diverged_method(tmp_path, capsys):
     result = linear_experiment(seeds=(0,), iters=200, ascent_weight=0.2)
     assert result["methods"]["gd_ga"]["per_seed"][0][-1] is None
     json.dumps(result, allow_nan=False)
+    drawn = plot_linear(result, tmp_path / "linear.png")["methods"]["gd_ga"]["center"]
+    diverged = result["methods"]["gd_ga"]["per_seed"][0].index(None)
+    assert np.isfinite(drawn[:diverged]).all() and np.isnan(drawn[diverged:]).all()  # a gap where it diverged
     png = tmp_path / "d.png"
     assert main(["--seeds", "1", "--iters", "200", "--ascent-weight", "0.2", "--out", str(png)]) == 0
     table = capsys.readouterr().out
     assert "diverged" in table and "OM (all points)" in table
-    assert png.stat().st_size > 0
+    assert png.is_file()
 
 
 def test_bad_settings_are_rejected():
