@@ -32,7 +32,7 @@ from pipelines.rundir.layout import (
     stored_oracle_rows,
     validation_points,
 )
-from pipelines.rundir.variants import STOPPED_BY, parse_store_name
+from pipelines.rundir.variants import DATAMODEL_METHODS, STOPPED_BY, curve_models, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import floor_halves, klom, klom_intervals, klom_summary, margins, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
@@ -80,6 +80,7 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
                "forget_sets": forget_sets,
                "datamodels": _lds(run_dir, skipped), "datamodels_cost": _datamodels_cost(run_dir, info),
                "tuning": _tuning(run_dir), "draws": draws_summary(forget_sets), "skipped": skipped}
+    metrics["datamodel_curve"] = datamodel_curve(forget_sets, metrics["datamodels"])
     if linear is not None:
         metrics["linear"] = _linear_summary(linear)
     return metrics, per_point
@@ -194,7 +195,7 @@ def _lds(run_dir: Path, skipped: list[str]) -> dict:
         except StoreError as err:
             skipped.append(f"datamodels/{path.name}: {err}")
             continue
-        out[path.name[: -len(".zarr")]] = {k: v for k, v in attrs.items() if k.startswith("lds")}
+        out[path.name[: -len(".zarr")]] = {k: v for k, v in attrs.items() if k.startswith("lds") or k == "n_fit"}
     return out
 
 
@@ -312,6 +313,34 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
 def p99_average(kl: dict) -> float:
     """The headline: the average of the KLOM p99s over forget, retain and validation points (A2D Figure 2)."""
     return float(np.mean([kl[s]["p99"] for s in POINT_SETS]))
+
+
+def headline_interval(entry: dict | None) -> list[float] | None:
+    """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
+    return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
+
+
+def datamodel_curve(forget_sets: dict, datamodels: dict) -> dict:
+    """Unlearning quality against datamodel quality (unlearn.datamodel_curve): per forget set, each datamodel
+    method's headline with its interval against the number of subset models its LASSO datamodels were fit on
+    (the curve stores lasso_n<n>, and the run's own LASSO store at its n_fit models), and the oracle floor's
+    headline; {} for a run without curve stores."""
+    n_full = (datamodels.get("lasso") or {}).get("n_fit")
+    out = {}
+    for fs, entry in forget_sets.items():
+        lines: dict[str, list[dict]] = {}
+        for m in entry["methods"].values():
+            n = curve_models(m["datamodel"]) or (n_full if m["datamodel"] == "lasso" else None)
+            if m["method"] in DATAMODEL_METHODS and m["budget"] == 1 and n is not None:
+                lines.setdefault(m["method"], []).append(
+                    {"n_models": int(n), "p99_avg": p99_average(m["klom"]), "interval": headline_interval(m),
+                     "curve_store": curve_models(m["datamodel"]) is not None})
+        lines = {method: sorted(points, key=lambda p: p["n_models"]) for method, points in lines.items()
+                 if any(p["curve_store"] for p in points)}
+        if lines:
+            floor = entry["oracle_floor"]
+            out[fs] = {"methods": lines, "oracle_floor": p99_average(floor["klom"]) if floor else None}
+    return out
 
 
 def draws_summary(forget_sets: dict) -> dict:

@@ -18,10 +18,17 @@ from pipelines.report.evaluate import (
     POINT_SETS,
     evaluate_run,
     floor_label,
+    headline_interval,
     json_safe,
     p99_average,
 )
-from pipelines.report.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve, plot_linear
+from pipelines.report.plots import (
+    plot_klom_distributions,
+    plot_klom_vs_cost,
+    plot_klom_vs_models,
+    plot_lds_curve,
+    plot_linear,
+)
 from unlearning.metrics import MIA_FOLDS
 
 
@@ -33,7 +40,8 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
     (training examples, then test); seed: seeds the oracle floor's random halves (when it falls back to them)
     and the MIA's subsampling and folds; linear: the result of pipelines.stages.linear.linear_experiment, plotted and summarised when given.
     Writes run_dir/report/{report.md, metrics.json, klom_vs_cost.png, klom_distributions.png, lds_curve.png
-    (when an LDS curve is stored), linear.png (when `linear` is given)}.
+    (when an LDS curve is stored), klom_vs_models.png (with unlearn.datamodel_curve's stores), linear.png (when
+    `linear` is given)}.
     """
     run_dir = as_path(run_dir)
     metrics, per_point = evaluate_run(run_dir, labels, seed=seed, linear=linear)
@@ -51,6 +59,10 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
     if any(d.get("lds_curve") for d in metrics["datamodels"].values()):
         plot_lds_curve(metrics["datamodels"], out / "lds_curve.png")
         plots["LDS curve"] = "lds_curve.png"
+    if metrics["datamodel_curve"]:
+        drawn = plot_klom_vs_models(metrics["datamodel_curve"], out / "klom_vs_models.png")
+        write_text(out / "klom_vs_models.json", json.dumps(json_safe(drawn), indent=1))  # the plot's data
+        plots["KLOM against the number of subset models"] = "klom_vs_models.png"
     if linear is not None:
         plot_linear(linear, out / "linear.png")
         plots["Linear model (seed Figure 3)"] = "linear.png"
@@ -76,11 +88,6 @@ def _per_set(kl: dict | None, stat: str) -> str:
     return " / ".join(_fmt(kl[s][stat]) for s in POINT_SETS) if kl else "–"
 
 
-def _headline_interval(entry: dict | None) -> list[float] | None:
-    """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
-    return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
-
-
 def _with_interval(value: float, interval: list[float] | None) -> str:
     return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else _fmt(value)
 
@@ -99,7 +106,7 @@ def _against(interval: list[float] | None, floor: list[float] | None) -> str:
 def _pairwise(fs_metrics: dict) -> list[str]:
     """Method against method on the headline: "<" where the row's interval lies wholly below the column's
     (better), ">" wholly above, "≈" where they overlap (the difference is within sampling noise)."""
-    named = {name: _headline_interval(m) for name, m in fs_metrics["methods"].items()}
+    named = {name: headline_interval(m) for name, m in fs_metrics["methods"].items()}
     named = {name: ci for name, ci in named.items() if ci}
     if len(named) < 2:
         return []
@@ -120,11 +127,11 @@ def _table(fs_metrics: dict) -> list[str]:
             "LiRA AUC % | cost % passes | seconds | cost % seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     floor = fs_metrics["oracle_floor"]
-    floor_ci = _headline_interval(floor)
+    floor_ci = headline_interval(floor)
 
     def row(name, m, acc, gap, mia, lira, cost, spread=None, is_floor=False):
         kl = m.get("klom") if m else None
-        ci = _headline_interval(m)
+        ci = headline_interval(m)
         reverse = m.get("klom_reverse") if m else None
         cells = [name, _with_interval(p99_average(kl), ci) if kl else "–",
                  "–" if is_floor else _against(ci, floor_ci), _per_set(kl, "p99"), _per_set(kl, "p95"),
@@ -241,6 +248,25 @@ def _datamodels_cost_section(cost: dict | None) -> list[str]:
             "no example passes; its seconds are not recorded.", ""]
 
 
+def _datamodel_curve_section(curve: dict) -> list[str]:
+    """Unlearning quality against datamodel quality: the headline per number of subset models."""
+    if not curve:
+        return []
+    lines = ["## Unlearning against the number of subset models", "",
+             "KLOM p99 average [95 % interval] of the datamodel methods with LASSO datamodels fit on the first n "
+             "subset models (the largest n: the run's own LASSO store), each with the hyperparameters tuned on "
+             "the full LASSO store.", ""]
+    for fs, entry in curve.items():
+        sizes = sorted({p["n_models"] for points in entry["methods"].values() for p in points})
+        lines += [f"Forget set {fs} (oracle floor {_fmt(entry['oracle_floor'])}):", "",
+                  "| method | " + " | ".join(f"n = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for method, points in entry["methods"].items():
+            by_n = {p["n_models"]: _with_interval(p["p99_avg"], p["interval"]) for p in points}
+            lines.append(f"| {method} | " + " | ".join(by_n.get(n, "–") for n in sizes) + " |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
     k = metrics["k"]
     lines = [
@@ -320,6 +346,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines.append("No datamodel store in this run.")
     lines.append("")
 
+    lines += _datamodel_curve_section(metrics.get("datamodel_curve") or {})
     if "linear" in metrics:
         lin = metrics["linear"]
         s = lin["settings"] or {}
