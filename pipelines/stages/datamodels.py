@@ -168,7 +168,7 @@ def run_lasso(ctx: RunContext, source: SubsetSource, *, fit_models: int | None =
     shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio}
     drive(ctx, fit_lasso_chunk, target_units(data.n_targets, chunk, np.asarray(group["done"][:])), shared,
           lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=data.n_targets,
-          desc="LASSO datamodels", unit="target")
+          desc=f"LASSO datamodels ({name})", unit="target")
     curve = bool(d.lds_curve) and fit_models is None  # the LDS curve belongs to the run's own LASSO store
     if "lds_mean" not in group.attrs or (curve and "lds_curve" not in group.attrs):
         summary = lds_summary(group, data.n_train)
