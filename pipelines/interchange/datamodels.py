@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from attribution.store import ArraySpec, open_group, open_or_create, open_store, read
+from attribution.store import ArraySpec, open_or_create, open_store, read
 from pipelines.config import ConfigError
 from pipelines.stages.datamodel_io import ROW_CHUNK, store_arrays
 from unlearning.datamodel import datamodel_direct_logits

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import ConfigError
-from pipelines.rundir.layout import fingerprint
 from pipelines.interchange.datamodels import NpyRows, subsets_blocks, write_subsets
+from pipelines.rundir.layout import fingerprint
 
 COMPLETED = "_completed"
 HINT = "the store folder is incomplete (initialize_store writes one .npy per spec.json key)"

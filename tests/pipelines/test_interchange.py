@@ -25,7 +25,7 @@ def write_release(folder, m=M, n=N, nt=NT, pct="50", seed=0):
 
 
 def test_release_round_trip_is_bit_for_bit(tmp_path):
-    masks, train, test = write_release(tmp_path / "src")
+    masks, train, _ = write_release(tmp_path / "src")
     dm.import_release(tmp_path / "src", tmp_path / "run", block_size=4)
     group = open_store(tmp_path / "run" / "subsets.zarr", dm.KIND)
     assert np.asarray(group["done"][:]).all()
@@ -41,7 +41,7 @@ def test_release_round_trip_is_bit_for_bit(tmp_path):
 
 
 def test_interrupted_import_resumes_at_the_first_block_not_done(tmp_path):
-    masks, train, test = write_release(tmp_path / "src")
+    _, _, test = write_release(tmp_path / "src")
     path = dm.import_release(tmp_path / "src", tmp_path / "run", block_size=4)
     group = open_store(path, dm.KIND)
     from attribution.store import open_group
@@ -87,7 +87,7 @@ def test_bad_release_gives_one_line(tmp_path, what, words):
 def test_cli_import_export_and_its_one_line_error(tmp_path, capsys):
     from pipelines.cli import main
 
-    masks, train, test = write_release(tmp_path / "src")
+    _, _, test = write_release(tmp_path / "src")
     assert main(["import", "datamodels-release", str(tmp_path / "src"), "--run-dir", str(tmp_path / "run")]) == 0
     assert main(["export", "datamodels-release", "--run-dir", str(tmp_path / "run"), "--out",
                  str(tmp_path / "out")]) == 0

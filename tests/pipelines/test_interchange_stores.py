@@ -117,7 +117,8 @@ def test_an_interrupted_import_resumes_and_reads_one_block_at_a_time(tmp_path, m
     g["margins"][8:] = np.nan
     reads = []
     rows = dm.NpyRows.rows
-    monkeypatch.setattr(dm.NpyRows, "rows", lambda self, a, b: reads.append((self.path.name, b - a)) or rows(self, a, b))
+    monkeypatch.setattr(dm.NpyRows, "rows",
+                        lambda self, a, b: reads.append((self.path.name, b - a)) or rows(self, a, b))
     dms.import_store(tmp_path / "src", tmp_path / "run", block_size=4)
     assert subsets(tmp_path / "run")["margins"][:].tobytes() == data["margins"].tobytes()
     blocks = [r for r in reads if r[0] == "margins.npy"]
