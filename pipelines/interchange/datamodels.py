@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 
 from attribution.store import ArraySpec, open_or_create, open_store, read
 from pipelines.config import ConfigError
-from pipelines.stages.datamodel_io import ROW_CHUNK, store_arrays
-from unlearning.datamodel import datamodel_direct_logits
-from unlearning.klom import margins as margins_of
 
+# Modules that import torch (about 0.5 GB resident) are imported inside the functions that need them, so that
+# copying masks and margins runs in a small process.
 KIND = "subsets"
 DATAMODELS_KIND = "datamodels"
 MARGIN_DTYPE = "float16"
@@ -215,6 +213,7 @@ def subsets_blocks(run_dir: str | Path, labels: np.ndarray | None = None
                           "the subsets stage first")
     if "margins" not in group and labels is None:
         labels = run_labels(run_dir)
+    from unlearning.klom import margins as margins_of
 
     def blocks():
         m, block = group["masks"].shape[0], group["masks"].chunks[0]
@@ -301,6 +300,8 @@ def export_release(run_dir: str | Path, out: str | Path, pct: str | None = None)
 def margin_arrays(n_train: int, n_targets: int) -> dict[str, ArraySpec]:
     """The margin part of the datamodels stage's schema (`store_arrays`): margin_weights (N, T) in chunks of
     (256 rows, TARGET_CHUNK), margin_bias / margin_lambda / margin_val_mse / margin_lds (T,), done per chunk."""
+    from pipelines.stages.datamodel_io import store_arrays
+
     arrays = store_arrays(n_train, n_targets, 1, min(TARGET_CHUNK, n_targets))
     return {name: spec for name, spec in arrays.items() if name.startswith("margin_") or name == "done"}
 
@@ -317,8 +318,9 @@ def write_margin_datamodels(run_dir: str | Path, name: str, *, n_train: int, n_t
                            attrs={"n_train": n_train, "n_targets": n_targets, "margin_only": True,
                                   "imported_rows": 0, **attrs})
     weights = group["margin_weights"]
-    for start in range(int(group.attrs["imported_rows"]), n_train, ROW_CHUNK):
-        stop = min(n_train, start + ROW_CHUNK)
+    rows = weights.chunks[0]  # the stage's ROW_CHUNK: whole chunks written
+    for start in range(int(group.attrs["imported_rows"]), n_train, rows):
+        stop = min(n_train, start + rows)
         weights[start:stop] = read_rows(start, stop).astype(weights.dtype, copy=False)
         group.attrs["imported_rows"] = stop  # after the rows: a rerun rewrites at most this block
     for key, values in per_target.items():
@@ -330,6 +332,10 @@ def write_margin_datamodels(run_dir: str | Path, name: str, *, n_train: int, n_t
 def dm_direct_margins(store: str | Path, forget_idx: np.ndarray, original_margins: np.ndarray) -> np.ndarray:
     """DM-Direct (unlearning.datamodel) on a margin-only datamodel store: the original model's margins (T,) minus
     the summed margin weights of the forget points (read in blocks of the store's row chunk)."""
+    import torch
+
+    from unlearning.datamodel import datamodel_direct_logits
+
     group = open_store(store, DATAMODELS_KIND)
     if not np.asarray(group["done"][:]).all():
         raise ConfigError(f"{store} is not complete: rerun the import or the datamodels stage")

@@ -6,13 +6,13 @@ margins (or (T, C) logits), in their order, block by block; export writes a comp
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.config import ConfigError
 from pipelines.interchange.datamodels import NpyRows, subsets_blocks, write_subsets
-from pipelines.rundir.layout import fingerprint
 
 COMPLETED = "_completed"
 HINT = "the store folder is incomplete (initialize_store writes one .npy per spec.json key)"
@@ -95,7 +95,8 @@ def import_store(source: str | Path, run_dir: str | Path, block_size: int = 256,
         run_dir, n_models=len(rows), n_train=masks.shape[1], outputs=((t, *outputs[0].shape[2:]), dtype),
         read_block=read_block, block_size=block_size, extra={"source_row": rows.astype(np.int64)},
         config={"imported": "datamodels-store", "source_models": m, "n_models": len(rows),
-                "completed": fingerprint(rows),
+                "completed": zlib.crc32(rows.astype(np.int64).tobytes()),  # which rows: a rerun on a store
+                # completed further is refused (a new run directory takes the new rows)
                 "masks_key": masks_key, "margins_key": margins_key, "n_train": masks.shape[1], "n_targets": t},
         attrs={"imported": "datamodels-store", "skipped_incomplete": m - len(rows),
                "target_keys": {key: bounds[i:i + 2] for i, key in enumerate(keys)}})
