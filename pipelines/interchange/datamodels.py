@@ -2,12 +2,13 @@
 `train_masks_{PCT}pct.npy` (M, N) bool and `{train,test}_margins_{PCT}pct.npy` float16 are copied block by block
 into a margin-only `subsets.zarr`; its fitted datamodels `{train,test}_{PCT}pct.pt` into a margin-only
 `datamodels/<name>.zarr`. Shared: `NpyRows` / `PtTensors` (rows by plain file reads), `write_subsets`,
-`subsets_blocks` and `write_margin_datamodels` (resumable block loops), `dm_direct_margins`.
+`subsets_blocks`, `write_npys` and `write_margin_datamodels` (block loops), `dm_direct_margins`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import pickle
 import re
 import struct
@@ -64,7 +65,24 @@ class NpyRows:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The increasing `rows`, one file read per run of consecutive rows."""
         runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
-        return np.concatenate([self.rows(int(r[0]), int(r[-1]) + 1) for r in runs if len(r)])
+        parts = [self.rows(int(r[0]), int(r[-1]) + 1) for r in runs if len(r)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def write_npys(files: dict[str, tuple[Path, np.dtype, tuple[int, ...]]],
+               blocks: Iterator[dict[str, np.ndarray]]) -> None:
+    """Write .npy files `files` {name: (path, dtype, shape)} from consecutive blocks of rows {name: rows}, each
+    appended with a plain file write after the header (no memory map: written pages stay out of the process)."""
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for name, (path, dtype, shape) in files.items():
+            out[name] = stack.enter_context(open(path, "wb"))
+            np.lib.format.write_array_header_1_0(out[name], {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                "shape": tuple(int(s) for s in shape)})
+        for block in blocks:
+            for name, rows in block.items():
+                np.ascontiguousarray(rows, dtype=files[name][1]).tofile(out[name])
 
 
 _load = NpyRows
@@ -281,15 +299,10 @@ def export_release(run_dir: str | Path, out: str | Path, pct: str | None = None)
     pct = pct or str(group.attrs["config"].get("pct", "50"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"masks": np.lib.format.open_memmap(out / f"train_masks_{pct}pct.npy", "w+", np.bool_, (m, n)),
-             "train": np.lib.format.open_memmap(out / f"train_margins_{pct}pct.npy", "w+", np.float16, (m, n)),
-             "test": np.lib.format.open_memmap(out / f"test_margins_{pct}pct.npy", "w+", np.float16, (m, t - n))}
-    for start, stop, masks, margins in blocks:
-        files["masks"][start:stop] = masks
-        files["train"][start:stop] = margins[:, :n]
-        files["test"][start:stop] = margins[:, n:]
-    for f in files.values():
-        f.flush()
+    write_npys({"masks": (out / f"train_masks_{pct}pct.npy", np.bool_, (m, n)),
+                "train": (out / f"train_margins_{pct}pct.npy", np.float16, (m, n)),
+                "test": (out / f"test_margins_{pct}pct.npy", np.float16, (m, t - n))},
+               ({"masks": masks, "train": margins[:, :n], "test": margins[:, n:]} for _, _, masks, margins in blocks))
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import ConfigError
-from pipelines.interchange.datamodels import NpyRows, subsets_blocks, write_subsets
+from pipelines.interchange.datamodels import NpyRows, subsets_blocks, write_npys, write_subsets
 
 COMPLETED = "_completed"
 HINT = "the store folder is incomplete (initialize_store writes one .npy per spec.json key)"
@@ -115,14 +115,9 @@ def export_store(run_dir: str | Path, out: str | Path, labels: np.ndarray | None
     schema = {"masks": ((n,), np.dtype(np.bool_)), **{k: ((b - a,), dtype) for k, (a, b) in keys.items()}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {key: np.lib.format.open_memmap(out / f"{key}.npy", "w+", dt, (m, *shape))
-             for key, (shape, dt) in schema.items()}
-    for start, stop, masks, margins in blocks:
-        files["masks"][start:stop] = masks
-        for key, (a, b) in keys.items():
-            files[key][start:stop] = margins[:, a:b]
-    for f in files.values():
-        f.flush()
+    write_npys({key: (out / f"{key}.npy", dt, (m, *shape)) for key, (shape, dt) in schema.items()},
+               ({"masks": masks, **{key: margins[:, a:b] for key, (a, b) in keys.items()}}
+                for _, _, masks, margins in blocks))
     np.save(out / f"{COMPLETED}.npy", np.ones(m, dtype=np.bool_))  # (M,) bool: 300 kB at M = 300,000
     spec = {"num_models": m, "schema": {key: {"shape": list(shape), "dtype": "bool_" if dt == np.bool_ else dt.name}
                                         for key, (shape, dt) in schema.items()}}
