@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import ConfigError
-from pipelines.interchange.datamodels import NpyRows, subsets_blocks, write_npys, write_subsets
+from pipelines.interchange.files import NpyRows, write_npys
+from pipelines.interchange.stores import subsets_blocks, write_subsets
 
 COMPLETED = "_completed"
 HINT = "the store folder is incomplete (initialize_store writes one .npy per spec.json key)"

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import ConfigError
-from pipelines.interchange.datamodels import NpyRows, write_margin_datamodels
+from pipelines.interchange.files import NpyRows
+from pipelines.interchange.stores import write_margin_datamodels
 
 HINT = "run traker's finalize_scores for that experiment, or copy the whole save_dir"
 

@@ -15,7 +15,7 @@ from attribution.store import open_group, open_store
 from pipelines.config import ConfigError
 from pipelines.interchange import datamodels as dm
 from pipelines.interchange import datamodels_store as dms
-from pipelines.interchange import trak_scores
+from pipelines.interchange import files, stores, trak_scores
 
 M, N, T = 10, 12, 7
 
@@ -37,7 +37,7 @@ def write_store(folder, m=M, n=N, keys=(("margins", (T,), "float16"),), complete
 
 
 def subsets(run):
-    return open_store(run / "subsets.zarr", dm.KIND)
+    return open_store(run / "subsets.zarr", stores.KIND)
 
 
 def test_store_round_trip_is_bit_for_bit(tmp_path):
@@ -123,8 +123,8 @@ def test_an_interrupted_import_resumes_and_reads_one_block_at_a_time(tmp_path, m
     g["done"][8:] = False  # as a kill after two blocks leaves it
     g["margins"][8:] = np.nan
     reads = []
-    rows = dm.NpyRows.rows
-    monkeypatch.setattr(dm.NpyRows, "rows",
+    rows = files.NpyRows.rows
+    monkeypatch.setattr(files.NpyRows, "rows",
                         lambda self, a, b: reads.append((self.path.name, b - a)) or rows(self, a, b))
     dms.import_store(tmp_path / "src", tmp_path / "run", block_size=4)
     assert subsets(tmp_path / "run")["margins"][:].tobytes() == data["margins"].tobytes()
@@ -216,7 +216,7 @@ def write_weights(folder, n=300, n_test=40, pct="50", seed=0, **override):
 def test_release_datamodels_import_equals_torch_load(tmp_path):
     write_weights(tmp_path / "src")
     path = dm.import_weights(tmp_path / "src", tmp_path / "run")
-    group = open_store(path, dm.DATAMODELS_KIND)
+    group = open_store(path, stores.DATAMODELS_KIND)
     ref = [torch.load(tmp_path / "src" / f"{s}_50pct.pt", mmap=True, weights_only=True) for s in ("train", "test")]
     np.testing.assert_array_equal(group["margin_weights"][:], torch.cat([r["weight"] for r in ref], 1).numpy())
     np.testing.assert_array_equal(group["margin_bias"][:], torch.cat([r["bias"] for r in ref]).numpy())
@@ -232,7 +232,7 @@ def test_dm_direct_on_imported_release_datamodels_is_bias_plus_the_kept_weights(
     forget = np.array([3, 77, 150, 299])
     original = bias + w.sum(0)  # the datamodel's prediction for the model trained on every point
     kept = np.setdiff1d(np.arange(300), forget)
-    np.testing.assert_allclose(dm.dm_direct_margins(path, forget, original), bias + w[kept].sum(0),
+    np.testing.assert_allclose(stores.dm_direct_margins(path, forget, original), bias + w[kept].sum(0),
                                rtol=1e-4, atol=1e-3)
 
 
@@ -244,8 +244,8 @@ def test_interrupted_weights_import_resumes_at_the_rows_not_written(tmp_path, mo
     g.attrs["imported_rows"] = 256
     g["done"][:] = False
     reads = []
-    rows = dm.PtTensors.rows
-    monkeypatch.setattr(dm.PtTensors, "rows", lambda self, k, a, b: reads.append((k, a, b)) or rows(self, k, a, b))
+    rows = files.PtTensors.rows
+    monkeypatch.setattr(files.PtTensors, "rows", lambda self, k, a, b: reads.append((k, a, b)) or rows(self, k, a, b))
     dm.import_weights(tmp_path / "src", tmp_path / "run")
     assert [r for r in reads if r[0] == "weight"] == [("weight", 256, 300)] * 2  # train and test files
     np.testing.assert_array_equal(g["margin_weights"][:, :300], fits["train"]["weight"].numpy())
@@ -319,7 +319,7 @@ def write_trak(save_dir, experiments=(("test", 9),), n=N, finalize=True, seed=0)
 def test_trak_scores_import_as_uncalibrated_margin_weights(tmp_path):
     scores = write_trak(tmp_path / "trak", experiments=(("train", N), ("test", 9)))
     path = trak_scores.import_scores(tmp_path / "trak", tmp_path / "run", experiment="train,test")
-    group = open_store(path, dm.DATAMODELS_KIND)
+    group = open_store(path, stores.DATAMODELS_KIND)
     assert path.name == "trak.zarr" and group.attrs["calibrated"] is False
     np.testing.assert_array_equal(group["margin_weights"][:],
                                   np.concatenate([scores["train"], scores["test"]], 1).astype(np.float32))
