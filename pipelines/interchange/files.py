@@ -98,6 +98,8 @@ class _TensorUnpickler(pickle.Unpickler):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return lambda storage, offset, shape, stride, *_: _Tensor(storage[1], storage[0], offset, tuple(shape),
                                                                       tuple(stride))
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):  # an nn.Parameter: its data
+            return lambda data, *_: data
         if module == "torch" and name in _STORAGES:
             return np.dtype(_STORAGES[name])
         raise ConfigError(f"{self.path} holds {module}.{name}, not float tensors: save the datamodel as "

@@ -224,6 +224,14 @@ def test_release_datamodels_import_equals_torch_load(tmp_path):
     assert np.asarray(group["done"][:]).all() and group.attrs["margin_only"] and "weights" not in group
 
 
+def test_half_precision_and_parameter_fits_import_as_float32(tmp_path):
+    fits = write_weights(tmp_path / "src", test={"weight": torch.nn.Parameter(torch.randn(300, 40).half()),
+                                                 "bias": torch.randn(40).half()})
+    group = open_store(dm.import_weights(tmp_path / "src", tmp_path / "run"), stores.DATAMODELS_KIND)
+    np.testing.assert_array_equal(group["margin_weights"][:, 300:], fits["test"]["weight"].detach().float().numpy())
+    np.testing.assert_array_equal(group["margin_bias"][300:], fits["test"]["bias"].float().numpy())
+
+
 def test_dm_direct_on_imported_release_datamodels_is_bias_plus_the_kept_weights(tmp_path):
     fits = write_weights(tmp_path / "src")
     path = dm.import_weights(tmp_path / "src", tmp_path / "run", name="release")
