@@ -74,9 +74,10 @@ def subsets_blocks(run_dir: str | Path, labels: np.ndarray | None = None
     if not done.all():
         raise ConfigError(f"{run_dir}/subsets.zarr has {int((~done).sum())} models not done: finish the import or "
                           "the subsets stage first")
-    if "margins" not in group and labels is None:
-        labels = run_labels(run_dir)
-    from unlearning.klom import margins as margins_of
+    if "margins" not in group:
+        from unlearning.klom import margins as margins_of
+
+        labels = run_labels(run_dir) if labels is None else labels
 
     def blocks():
         m, block = group["masks"].shape[0], group["masks"].chunks[0]
@@ -89,7 +90,6 @@ def subsets_blocks(run_dir: str | Path, labels: np.ndarray | None = None
             yield start, stop, read(group["masks"], slice(start, stop)), margins
 
     return group, blocks()
-
 
 
 def margin_arrays(n_train: int, n_targets: int) -> dict[str, ArraySpec]:
