@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import signal
@@ -247,7 +248,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from pipelines.interchange import IMPORTERS
 
-    path = IMPORTERS[args.kind](Path(args.source), Path(args.run_dir))
+    importer = IMPORTERS[args.kind]
+    options = {} if args.n_models is None else {"n_models": args.n_models}
+    if options and "n_models" not in inspect.signature(importer).parameters:
+        raise ConfigError(f"--n-models does not apply to {args.kind}: leave it out")
+    path = importer(Path(args.source), Path(args.run_dir), **options)
     print(f"imported {args.kind} {args.source} -> {path}")
 
 
@@ -300,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(IMPORTERS), help="the source's layout")
     p.add_argument("source", help="folder holding the source's files")
     p.add_argument("--run-dir", required=True, help="run directory to write the dmu stores into")
+    p.add_argument("--n-models", type=int, help="edub: import the first n full models and oracles per forget set "
+                   "(default: all)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run's stores in a public layout")
