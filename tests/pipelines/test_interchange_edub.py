@@ -13,6 +13,7 @@ from attribution.store import open_group, open_store
 from pipelines.config import ConfigError, load_config, validate
 from pipelines.interchange import edub
 from pipelines.rundir.layout import load_forget_sets
+from tests.klom_reference import edub_klom_point
 
 N, NT, K, KO = 40, 12, 6, 8  # training points, test points, pretrain models, oracles per forget set
 SETS = {2: np.array([31, 4, 17, 9, 22], dtype=np.int64), 5: np.array([0, 39, 11], dtype=np.int64)}
@@ -174,3 +175,102 @@ def test_imported_config_validates():
     cfg = load_config("pipelines/configs/cifar10_imported.yaml")
     validate(cfg, cfg.stages)
     assert cfg.stages == ("unlearn", "report") and cfg.unlearn.methods == ("do_nothing", "dm_direct")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report and the stages on a margin-only models.zarr
+
+
+def report(run_dir):
+    from pipelines.cli import main
+
+    assert main(["report", str(run_dir)]) == 0
+    return json.loads((run_dir / "report" / "metrics.json").read_text())
+
+
+def test_report_scores_doing_nothing_in_the_bench_convention(tmp_path):
+    full, full_forget, oracles = write_bench(tmp_path / "src")
+    edub.import_edub(tmp_path / "src", tmp_path / "run")
+    metrics = report(tmp_path / "run")
+    assert metrics["margin_only"] and set(metrics["forget_sets"]) == {"forget_set_2", "forget_set_5"}
+    for fid, idx in SETS.items():
+        entry = metrics["forget_sets"][f"forget_set_{fid}"]["methods"]["do_nothing"]
+        # the bench's splits, from its own files: pretrain retain minus F, its pretrain forget file, pretrain val
+        retain = np.setdiff1d(np.arange(N), idx)
+        splits = {"retain": (full[:, retain], oracles[fid][:, retain]),
+                  "forget": (full_forget[fid], oracles[fid][:, idx]),
+                  "validation": (full[:, N:], oracles[fid][:, N:])}
+        for split, (u, o) in splits.items():
+            # EasyDUB (eval_pretrain.py, README): KL(unlearned || oracle); data-unlearning-bench run.py: the other
+            easydub = [edub_klom_point(u[:, j], o[:, j]) for j in range(u.shape[1])]
+            run_py = [edub_klom_point(o[:, j], u[:, j]) for j in range(u.shape[1])]
+            assert entry["klom_edub_reverse"][split]["p95"] == pytest.approx(np.percentile(easydub, 95), rel=1e-12)
+            assert entry["klom_edub"][split]["p95"] == pytest.approx(np.percentile(run_py, 95), rel=1e-12)
+        assert entry["accuracy"] == "n/a (margins only)" and entry["mia"] == "n/a (margins only)"
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| do_nothing |" in text and "n/a (margins only)" in text
+
+
+def margin_datamodels(run_dir, seed=1):
+    """A complete datamodel store with margin weights (N, T), as the datamodels stage or an import writes it."""
+    from attribution.store import ArraySpec, open_or_create
+
+    w = np.random.default_rng(seed).normal(size=(N, N + NT)).astype(np.float32)
+    g = open_or_create(run_dir / "datamodels" / "lasso.zarr",
+                       {"margin_weights": ArraySpec((N, N + NT), "float32", (16, N + NT), float("nan")),
+                        "done": ArraySpec((1,), "bool", (1,), False)}, kind="datamodels", config={"test": 1})
+    g["margin_weights"][:] = w
+    g["done"][:] = True
+    return w
+
+
+def test_dm_direct_on_margins_is_scored_by_the_report(tmp_path):
+    from pipelines.cli import main
+
+    full, full_forget, oracles = write_bench(tmp_path / "src")
+    run = tmp_path / "run"
+    edub.import_edub(tmp_path / "src", run)
+    w = margin_datamodels(run)
+    assert main(["run", "pipelines/configs/cifar10_imported.yaml", "--run-dir", str(run)]) == 0
+    store = open_store(run / "unlearned" / "forget_set_2" / "dm_direct.zarr", "unlearned")
+    expected = (full - w[SETS[2]].astype(np.float64).sum(0)).astype(np.float32)
+    np.testing.assert_array_equal(store["margins"][:], expected)
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    entry = metrics["forget_sets"]["forget_set_2"]["methods"]["dm_direct"]
+    o = oracles[2]
+    values = [edub_klom_point(expected[:, j], o[:, j]) for j in range(N, N + NT)]
+    assert entry["klom_edub_reverse"]["validation"]["p95"] == pytest.approx(np.percentile(values, 95), rel=1e-12)
+
+
+@pytest.mark.parametrize("methods, stages, message", [
+    (["do_nothing", "dm_matching"], "unlearn", r"unlearn.methods dm_matching need class logits and the full models' "
+                                               r"parameters, which it lacks; keep only do_nothing and dm_direct"),
+    (["oracle_matching", "gradient_ascent"], "unlearn", r"unlearn.methods oracle_matching, gradient_ascent need"),
+    (["dm_direct"], "models,unlearn", r"stages models need trained models' logits and parameters"),
+    (["dm_direct"], "tune", r"stages tune need"),
+])
+def test_methods_needing_logits_are_refused_before_any_stage_runs(tmp_path, methods, stages, message):
+    from pipelines.cli import main
+    from pipelines.stages import RunContext, run_stages
+
+    write_bench(tmp_path / "src")
+    run = tmp_path / "run"
+    edub.import_edub(tmp_path / "src", run)
+    (tmp_path / "cfg.yaml").write_text(f"task: {{name: cifar10}}\nunlearn: {{methods: [{', '.join(methods)}]}}\n"
+                                       "executor: {kind: serial}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        run_stages(RunContext(cfg=load_config(tmp_path / "cfg.yaml"), run_dir=run), stages.split(","))
+    assert "\n" not in str(err.value)
+    assert not (run / "unlearned").exists()
+    assert main(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run), "--stages", stages]) != 0
+    assert not (run / "unlearned").exists()
+
+
+def test_a_deletion_request_is_refused_on_margins(tmp_path):
+    from pipelines.stages.unlearn import serve_request
+
+    write_bench(tmp_path / "src")
+    edub.import_edub(tmp_path / "src", tmp_path / "run")
+    cfg = load_config("pipelines/configs/demo.yaml")
+    with pytest.raises(ConfigError, match="holds margins only .*no full model's parameters"):
+        serve_request(tmp_path / "run", cfg, np.array([1, 2]), "gradient_ascent", 0, tmp_path / "out.pt")
