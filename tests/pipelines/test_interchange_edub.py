@@ -274,3 +274,43 @@ def test_a_deletion_request_is_refused_on_margins(tmp_path):
     cfg = load_config("pipelines/configs/demo.yaml")
     with pytest.raises(ConfigError, match="holds margins only .*no full model's parameters"):
         serve_request(tmp_path / "run", cfg, np.array([1, 2]), "gradient_ascent", 0, tmp_path / "out.pt")
+
+
+def test_export_of_a_trained_run_writes_margins_of_its_logits(tmp_path):
+    """A models.zarr with logits (the models stage's layout): its full models and reference oracles (the first K
+    rows) exported as margins, and imported back equal to unlearning.klom.margins of those logits."""
+    from attribution.store import ArraySpec, open_or_create
+    from pipelines.rundir.layout import oracle_rows
+    from unlearning.klom import margins
+
+    rng = np.random.default_rng(3)
+    run, c, k = tmp_path / "run", 4, 3
+    labels = rng.integers(0, c, N + NT)
+    sets = {"random_5": np.array([3, 8, 1, 30, 12]), "forget_set_7": np.array([20, 2])}
+    rows = oracle_rows(k, k, True)  # reference, OM's own oracles, floor: 3 K rows
+    arrays = {"full/logits": ArraySpec((k, N + NT, c), "float32", (2, N + NT, c), float("nan")),
+              "full/done": ArraySpec((k,), "bool", (2,), False)}
+    for fs in sets:
+        arrays[f"oracle/{fs}/logits"] = ArraySpec((rows["floor"].stop, N + NT, c), "float32", (2, N + NT, c),
+                                                  float("nan"))
+        arrays[f"oracle/{fs}/done"] = ArraySpec((rows["floor"].stop,), "bool", (2,), False)
+    g = open_or_create(run / "models.zarr", arrays, kind="models", config={"test": 1},
+                       attrs={"k": k, "n_train": N, "n_targets": N + NT, "num_classes": c, "epochs": 2})
+    logits = {name: rng.normal(size=arrays[f"{name}/logits"].shape).astype(np.float32)
+              for name in ["full"] + [f"oracle/{fs}" for fs in sets]}
+    for name, values in logits.items():
+        g[f"{name}/logits"][:] = values
+        g[f"{name}/done"][:] = True
+    (run / "forget_sets.json").write_text(json.dumps(
+        {"sets": {fs: {"indices": idx.tolist(), "size": len(idx), "how": "test"} for fs, idx in sets.items()}}))
+    edub.export_edub(run, tmp_path / "out", labels=labels)
+    names = json.loads((tmp_path / "out" / "forget_sets" / "cifar10" / "names.json").read_text())
+    assert names == {"7": "forget_set_7", "8": "random_5"}  # a bench ID kept, the other numbered after it
+    models = open_store(edub.import_edub(tmp_path / "out", tmp_path / "back"), "models")
+    assert models.attrs["k"] == k
+    np.testing.assert_array_equal(models["full/margins"][:], margins(logits["full"], labels))
+    for fid, fs in names.items():
+        reference = margins(logits[f"oracle/{fs}"][:k], labels)  # KLOM's reference rows only
+        np.testing.assert_array_equal(models[f"oracle/forget_set_{fid}/margins"][:], reference)
+        np.testing.assert_array_equal(models[f"full_forget/forget_set_{fid}/margins"][:],
+                                      margins(logits["full"], labels)[:, sets[fs]])
