@@ -166,12 +166,13 @@ def scan_source(source: Path, n_models: int | None) -> dict:
         oracles[fid] = count_models({s: dirs[f"oracle/{s}"] for s in SPLITS}, f"forget set {fid}'s oracle")
     k = count_models(pretrain, "pretrain")
     if n_models is not None:
-        short = {**{"pretrain": k}, **{f"forget set {f}'s oracle": o for f, o in oracles.items()}}
-        few = {kind: have for kind, have in short.items() if have < n_models}
-        if n_models < 1 or few:
-            kind, have = next(iter(few.items())) if few else ("", 0)
-            raise ConfigError(f"--n-models {n_models}: " + (f"the source holds {have} {kind} models; import at "
-                              f"most {have}" if few else "import at least 1 model"))
+        counts = {"pretrain": k, **{f"forget set {f}'s oracle": o for f, o in oracles.items()}}
+        if n_models < 1:
+            raise ConfigError(f"--n-models must be at least 1, got {n_models}")
+        for kind, have in counts.items():
+            if have < n_models:
+                raise ConfigError(f"--n-models {n_models}: the source holds {have} {kind} models; import at most "
+                                  f"{have}")
         k, oracles = n_models, {f: n_models for f in oracles}
     dtype = NpyRows(_first_file(full_dirs["pretrain/retain"])).dtype
     for m in range(k):
@@ -197,11 +198,12 @@ def _first_file(folder: Path) -> Path:
 
 
 def checkpoints(source: Path, k: int) -> dict:
-    """The pretrain ResNet-9 checkpoints present (listed, not copied): their folder and the model ids found."""
-    folder = source / "models" / DATASET / "pretrain" / ARCH
-    present = [m for m in range(k) if (folder / f"id_{m}_epoch_{EPOCH}.pt").exists()]
-    return {"folder": str(folder.resolve()), "pattern": f"id_{{M}}_epoch_{EPOCH}.pt", "present": len(present),
-            "missing": [m for m in range(k) if m not in set(present)][:20]}
+    """The pretrain ResNet-9 checkpoints of the k models imported, where present (listed, not copied): their
+    paths, and the model ids that have none."""
+    folder = source.resolve() / "models" / DATASET / "pretrain" / ARCH
+    paths = [folder / f"id_{m}_epoch_{EPOCH}.pt" for m in range(k)]
+    return {"files": [str(p) for p in paths if p.exists()], "missing": [m for m, p in enumerate(paths)
+                                                                         if not p.exists()]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def import_edub(source: str | Path, run_dir: str | Path, n_models: int | None = 
              "targets": {"train": [0, n_train], "test": [n_train, t]}, "margin_only": True, "imported": "edub",
              "om_oracles": 0, "om_target": "own", "floor_oracles": False, "tune_k": 0,
              "oracles": config["oracles"], "bench_forget_ids": {names[f]: f for f in sets},
-             "source": str(source.resolve()), "checkpoints": {"full": checkpoints(source, k)}}
+             "source": str(source.resolve()), "checkpoints": checkpoints(source, k)}
     group = open_or_create(run_dir / "models.zarr", arrays, kind=MODELS_KIND, config=config, attrs=attrs)
     first = next(iter(sets))
     full_dirs = margin_dirs(source, first)

@@ -352,9 +352,12 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _p95s(kl: dict | None, order=("retain", "forget", "validation")) -> str:
-    """The p95s of one KLOM summary in the bench's order, retain / forget / val."""
-    return " / ".join(_fmt(kl[s]["p95"]) if kl else "–" for s in order) if kl else "–"
+def _p95s(kl: dict | None) -> str:
+    """The p95s of one KLOM summary as the bench prints them: retain / forget / val, 4 decimals."""
+    if not kl:
+        return "–"
+    return " / ".join("–" if kl[s]["p95"] is None else f"{kl[s]['p95']:.4f}" for s in ("retain", "forget",
+                                                                                        "validation"))
 
 
 def render_margins_markdown(metrics: dict, plots: dict[str, str]) -> str:

@@ -70,6 +70,7 @@ def test_import_maps_the_bench_splits_onto_dmu_targets(tmp_path):
         np.testing.assert_array_equal(models[f"full_forget/forget_set_{fid}/margins"][:], full_forget[fid])
         assert np.asarray(models[f"oracle/forget_set_{fid}/done"][:]).all()
     assert np.asarray(models["full/done"][:]).all()
+    assert models.attrs["checkpoints"] == {"files": [], "missing": list(range(K))}
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["models"]["k"] == K and cfg["unlearn"]["methods"] == ["do_nothing", "dm_direct"]
 
@@ -94,13 +95,21 @@ def test_round_trip_import_export_import_is_bit_for_bit(tmp_path):
         assert one[name][:].tobytes() == two[name][:].tobytes()
 
 
-def test_n_models_imports_the_first_models(tmp_path):
+def test_n_models_imports_the_first_models_and_lists_their_checkpoints(tmp_path):
     full, _, oracles = write_bench(tmp_path / "src")
+    folder = tmp_path / "src" / "models" / "cifar10" / "pretrain" / "resnet9"
+    folder.mkdir(parents=True)
+    for m in (0, 2, 5):
+        (folder / f"id_{m}_epoch_23.pt").write_bytes(b"")
     models = open_store(edub.import_edub(tmp_path / "src", tmp_path / "run", n_models=4), "models")
     np.testing.assert_array_equal(models["full/margins"][:], full[:4])
     np.testing.assert_array_equal(models["oracle/forget_set_5/margins"][:], oracles[5][:4])
+    assert models.attrs["checkpoints"] == {"files": [str(folder.resolve() / f"id_{m}_epoch_23.pt") for m in (0, 2)],
+                                           "missing": [1, 3]}
     with pytest.raises(ConfigError, match="holds 6 pretrain models; import at most 6"):
         edub.import_edub(tmp_path / "src", tmp_path / "run3", n_models=7)
+    with pytest.raises(ConfigError, match="--n-models must be at least 1, got 0"):
+        edub.import_edub(tmp_path / "src", tmp_path / "run3", n_models=0)
 
 
 def test_interrupted_import_resumes_at_the_first_block_not_done(tmp_path):
@@ -208,7 +217,9 @@ def test_report_scores_doing_nothing_in_the_bench_convention(tmp_path):
             assert entry["klom_edub"][split]["p95"] == pytest.approx(np.percentile(run_py, 95), rel=1e-12)
         assert entry["accuracy"] == "n/a (margins only)" and entry["mia"] == "n/a (margins only)"
     text = (tmp_path / "run" / "report" / "report.md").read_text()
-    assert "| do_nothing |" in text and "n/a (margins only)" in text
+    p95 = metrics["forget_sets"]["forget_set_2"]["methods"]["do_nothing"]["klom_edub_reverse"]
+    row = " / ".join(f"{p95[s]['p95']:.4f}" for s in ("retain", "forget", "validation"))  # the README's format
+    assert f"| do_nothing | {row} |" in text and "n/a (margins only)" in text
 
 
 def margin_datamodels(run_dir, seed=1):
