@@ -24,7 +24,16 @@ import zarr
 from torch import nn
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, open_store, read
+from attribution.store import (
+    ArraySpec,
+    StoreError,
+    exists,
+    location,
+    open_group,
+    open_or_create,
+    open_store,
+    read,
+)
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
 from pipelines.engine.training import default_device, pack_size_for, packed_forward, train_models
@@ -214,22 +223,29 @@ def check_margin_only(ctx: RunContext, stages) -> None:
             raise ConfigError(f"{where}: unlearn.methods {', '.join(bad)} need class logits and the full models' "
                               f"parameters, which it lacks; keep only {' and '.join(MARGIN_METHODS)}, or train the "
                               "models (the models stage) in a new run directory")
+        if "dm_direct" in ctx.cfg.unlearn.methods and "datamodels" not in stages:
+            attrs = open_models(ctx.run_dir).attrs
+            for dm in ctx.cfg.unlearn.datamodels:
+                margin_datamodel_store(ctx.run_dir, dm, int(attrs["n_train"]), int(attrs["n_targets"]))
 
 
-def margin_datamodel_rows(run_dir, datamodel: str, forget_idx: np.ndarray, n_train: int, t: int) -> np.ndarray:
-    """The forget rows (|F|, T) of datamodels/<datamodel>.zarr's margin weights, checked (complete, (N, T))."""
+def margin_datamodel_store(run_dir, datamodel: str, n_train: int, t: int) -> str:
+    """The location of datamodels/<datamodel>.zarr, checked for DM-Direct on margins: complete, with
+    `margin_weights` (N, T)."""
     path = store_path(run_dir, f"datamodels/{datamodel}.zarr")
+    if not exists(path):
+        raise ConfigError(f"no datamodel store at {path}: DM-Direct on a margin-only models.zarr reads its "
+                          "margin_weights; import one (dmu import datamodels-store) or fit it (the datamodels stage)")
     store = open_store(path, "datamodels")
     if "margin_weights" not in store:
         raise ConfigError(f"{path} has no margin_weights: DM-Direct on a margin-only models.zarr needs margin "
                           "datamodels; import or fit a store that has them")
-    weights = store["margin_weights"]
-    if tuple(weights.shape) != (n_train, t):
-        raise ConfigError(f"{path} has margin_weights {tuple(weights.shape)} but models.zarr has (N, T) = "
-                          f"{(n_train, t)}: the stores are of different datasets")
+    if tuple(store["margin_weights"].shape) != (n_train, t):
+        raise ConfigError(f"{path} has margin_weights {tuple(store['margin_weights'].shape)} but models.zarr has "
+                          f"(N, T) = {(n_train, t)}: the stores are of different datasets")
     if "done" in store and not np.asarray(store["done"][:]).all():
         raise ConfigError(f"{path} is not complete: finish the datamodels stage or the import first")
-    return read(weights, (np.sort(forget_idx), slice(None)), store=location(path))
+    return location(path)
 
 
 def run_on_margins(ctx: RunContext) -> None:
@@ -256,7 +272,9 @@ def run_on_margins(ctx: RunContext) -> None:
             if np.asarray(g["done"][:]).all():
                 continue
             start = time.perf_counter()
-            delta = margin_datamodel_rows(ctx.run_dir, v.datamodel, idx, n_train, t).astype(np.float64).sum(0)
+            store = margin_datamodel_store(ctx.run_dir, v.datamodel, n_train, t)
+            weights = open_group(store)["margin_weights"]
+            delta = read(weights, (np.sort(idx), slice(None)), store=store).astype(np.float64).sum(0)
             g["margins"][:] = (full - delta).astype(np.float32)
             g["seconds"][:] = (time.perf_counter() - start) / k
             g["example_passes"][:] = 0.0  # no passes beyond the datamodels' one-off fit (docs/methods.md §3)

@@ -277,6 +277,19 @@ def test_methods_needing_logits_are_refused_before_any_stage_runs(tmp_path, meth
     assert not (run / "unlearned").exists()
 
 
+def test_dm_direct_on_margins_without_margin_datamodels_is_refused_before_any_stage_runs(tmp_path):
+    from pipelines.stages import RunContext, run_stages
+
+    write_bench(tmp_path / "src")
+    run = tmp_path / "run"
+    edub.import_edub(tmp_path / "src", run)
+    cfg = load_config("pipelines/configs/cifar10_imported.yaml")
+    with pytest.raises(ConfigError, match=r"no datamodel store at .*datamodels/lasso.zarr: DM-Direct on a "
+                                          r"margin-only models.zarr reads its margin_weights"):
+        run_stages(RunContext(cfg=cfg, run_dir=run), cfg.stages)
+    assert not (run / "unlearned").exists() and not (run / "report").exists()
+
+
 def test_a_deletion_request_is_refused_on_margins(tmp_path):
     from pipelines.stages.unlearn import serve_request
 
