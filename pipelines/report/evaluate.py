@@ -342,15 +342,15 @@ def evaluate_margins(run_dir, models, info: dict, seed: int) -> tuple[dict, dict
         if f"full_forget/{fs}/margins" in models:  # the bench's own margins of the full models on F
             unchanged[:, indices] = read(models[f"full_forget/{fs}/margins"], slice(0, k), store=path)
         scored = {"do_nothing": ("do_nothing", unchanged)}
-        for name, location_ in _method_stores(run_dir, f"unlearned/{fs}").items():
-            store = open_store(location_, "unlearned")
+        for name, store_at in _method_stores(run_dir, f"unlearned/{fs}").items():
+            store = open_store(store_at, "unlearned")
             label, method = store.attrs.get("label", name), store.attrs.get("method", name)
             if method == "do_nothing":
                 continue  # scored above, from models.zarr
             if "margins" not in store or not np.asarray(store["done"][:]).all():
                 skipped.append(f"{fs}/{label}: no finished margins (a margin-only run scores margins only)")
                 continue
-            scored[label] = (method, read(store["margins"], store=location_))
+            scored[label] = (method, read(store["margins"], store=store_at))
         methods = {}
         for label, (method, unlearned) in scored.items():
             values = klom(unlearned, oracle)
