@@ -245,7 +245,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {run_dir / 'report' / 'report.md'}")
 
 
-IMPORT_OPTIONS = ("masks_key", "margins_key", "experiment", "name")  # `dmu import` flags passed on
+IMPORT_OPTIONS = ("masks_key", "margins_key", "experiment", "name", "n_models")  # `dmu import` flags passed on
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default margins)")
     p.add_argument("--experiment", help="trak-scores: traker experiment(s), comma-separated (default: the only one)")
     p.add_argument("--name", help="datamodels-weights, trak-scores: datamodels/<name>.zarr (default lasso, trak)")
+    p.add_argument("--n-models", type=int, help="edub: import the first n full models and oracles per forget set "
+                   "(default: all)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run's stores in a public layout")

@@ -14,6 +14,7 @@ import numpy as np
 from attribution.store import as_path, make_dirs, write_text
 from pipelines.report.evaluate import (
     INTERVAL_LEVEL,
+    MARGINS_ONLY,
     N_SUBSAMPLES,
     POINT_SETS,
     evaluate_run,
@@ -48,6 +49,14 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
 
     out = make_dirs(run_dir / "report")
     plots = {}
+    if metrics.get("margin_only"):  # imported margins: KLOM only (report.evaluate.evaluate_margins)
+        if per_point:
+            plot_klom_distributions(per_point, metrics, out / "klom_distributions.png")
+            plots["KLOM per forget point"] = "klom_distributions.png"
+        metrics = json_safe(metrics)
+        write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        write_text(out / "report.md", render_margins_markdown(metrics, plots))
+        return metrics
     if metrics["forget_sets"]:
         drawn = plot_klom_vs_cost(metrics, out / "klom_vs_cost.png")
         write_text(out / "klom_vs_cost.json", json.dumps(json_safe(drawn), indent=1))  # the plot's data
@@ -367,6 +376,56 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines += ["## Plots", ""]
         for title, path in plots.items():
             lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+def _p95s(kl: dict | None) -> str:
+    """The p95s of one KLOM summary as the bench prints them: retain / forget / val, 4 decimals."""
+    if not kl:
+        return "–"
+    return " / ".join("–" if kl[s]["p95"] is None else f"{kl[s]['p95']:.4f}" for s in ("retain", "forget",
+                                                                                        "validation"))
+
+
+def render_margins_markdown(metrics: dict, plots: dict[str, str]) -> str:
+    """report.md of a margin-only run (`dmu import edub`): KLOM of doing nothing and of each method scored on
+    margins, per split, in the bench's convention and in dmu's; what needs logits is n/a."""
+    k = metrics["k"]
+    lines = [
+        f"# Unlearning report: {metrics['run']} (margins only)",
+        "",
+        f"models.zarr holds margins, not logits ({metrics.get('imported') or 'imported'}): K = {k} full models; "
+        f"N = {metrics['n_train']} training points, T = {metrics['n_targets']} targets (training, then test). "
+        f"Accuracies, MIA and cost need logits or training times: {MARGINS_ONLY}.",
+        "",
+        "Bench P95 = the 95th percentile of KLOM per split, retain / forget / val, in the Easy Data Unlearning "
+        "Bench's binning (unlearning.klom, convention \"edub\"): 'EasyDUB' is KL(unlearned || oracle), the "
+        "direction of its eval_pretrain.py and README table; 'run.py' is KL(oracle || unlearned), the direction "
+        "of RoyRin/data-unlearning-bench's run.py. dmu p99 / p95 = this project's binning (docs/methods.md), "
+        "KL(oracle || unlearned), forget / retain / val. Every method is scored against all the oracles "
+        "imported for the forget set; the oracle floor splits them into two halves.",
+        "",
+    ]
+    for fs, m in metrics["forget_sets"].items():
+        floor = m["oracle_floor"]
+        lines += [f"## Forget set `{fs}` ({m['size']} points, {m['n_oracles']} oracles)", "", m["how"], "",
+                  "| method | bench P95, EasyDUB (retain / forget / val) | bench P95, run.py (retain / forget / val) "
+                  "| dmu p99 (forget / retain / val) | dmu p95 | accuracy | MIA |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, e in m["methods"].items():
+            lines.append(f"| {label} | {_p95s(e['klom_edub_reverse'])} | {_p95s(e['klom_edub'])} | "
+                         f"{_per_set(e['klom'], 'p99')} | {_per_set(e['klom'], 'p95')} | {MARGINS_ONLY} | "
+                         f"{MARGINS_ONLY} |")
+        if floor:
+            lines.append(f"| {floor_label(floor)} | – | – | {_per_set(floor['klom'], 'p99')} | "
+                         f"{_per_set(floor['klom'], 'p95')} | – | – |")
+        lines.append("")
+    if not metrics["forget_sets"]:
+        lines += ["No forget set has imported oracles: rerun `dmu import edub`.", ""]
+    if metrics["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {s}" for s in metrics["skipped"]] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{title}]({path})\n" for title, path in plots.items()]
     return "\n".join(lines)
 
 
