@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import signal
@@ -244,10 +245,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {run_dir / 'report' / 'report.md'}")
 
 
+IMPORT_OPTIONS = ("masks_key", "margins_key", "experiment", "name", "n_models")  # `dmu import` flags passed on
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from pipelines.interchange import IMPORTERS
 
-    path = IMPORTERS[args.kind](Path(args.source), Path(args.run_dir))
+    options = {key: getattr(args, key) for key in IMPORT_OPTIONS if getattr(args, key) is not None}
+    known = inspect.signature(IMPORTERS[args.kind]).parameters
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to {args.kind}: leave it out")
+    path = IMPORTERS[args.kind](Path(args.source), Path(args.run_dir), **options)
     print(f"imported {args.kind} {args.source} -> {path}")
 
 
@@ -300,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(IMPORTERS), help="the source's layout")
     p.add_argument("source", help="folder holding the source's files")
     p.add_argument("--run-dir", required=True, help="run directory to write the dmu stores into")
+    p.add_argument("--masks-key", help="datamodels-store: the key of the masks (default masks)")
+    p.add_argument("--margins-key", help="datamodels-store: the key(s) of the margins or logits, comma-separated "
+                                         "(default margins)")
+    p.add_argument("--experiment", help="trak-scores: traker experiment(s), comma-separated (default: the only one)")
+    p.add_argument("--name", help="datamodels-weights, trak-scores: datamodels/<name>.zarr (default lasso, trak)")
+    p.add_argument("--n-models", type=int, help="edub: import the first n full models and oracles per forget set "
+                   "(default: all)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run's stores in a public layout")

@@ -151,6 +151,10 @@ class UnlearnConfig:
     # compute budgets: each method with an iterative budget (epochs; MU-Mis's max_steps) also runs at these
     # multiples of its tuned setting (rounded, at least 1), e.g. [0.33, 1, 3]; rows such as dm_matching@3x
     budgets: tuple[float, ...] = (1.0,)
+    # unlearning quality against datamodel quality: DM-Direct and DMM also run on LASSO datamodels fit on the first
+    # n subset models for each n of datamodels.lds_curve below the fit models (stores datamodels/lasso_n<n>.zarr),
+    # with the hyperparameters tuned on the full LASSO store; the report plots KLOM against n
+    datamodel_curve: bool = False
 
 
 @dataclass(frozen=True)
@@ -421,6 +425,15 @@ def _check_datamodels(cfg: RunConfig, fitting: bool) -> None:
                           f"(datamodels.trak_checkpoints) but subsets.keep_params = {s.keep_params}: raise "
                           "keep_params (this retrains the subset store in a new run directory) or lower "
                           "trak_checkpoints")
+    u = cfg.unlearn
+    if u.datamodel_curve:
+        needs = [what for what, ok in (
+            ("'lasso' in datamodels.methods and unlearn.datamodels", "lasso" in d.methods and "lasso" in u.datamodels),
+            ("dm_direct or dm_matching in unlearn.methods", {"dm_direct", "dm_matching"} & set(u.methods)),
+            (f"a datamodels.lds_curve size below the {n_fit} fit models", any(0 < n < n_fit for n in d.lds_curve)),
+        ) if not ok]
+        if needs:
+            raise ConfigError(f"unlearn.datamodel_curve needs {' and '.join(needs)}: add them or set it to false")
     if "oracle_matching" in cfg.unlearn.methods and cfg.models.om_target == "mean" and cfg.models.om_oracles < 1:
         raise ConfigError("oracle_matching with models.om_target mean needs models.om_oracles >= 1 (the oracles "
                           "whose mean it matches)")

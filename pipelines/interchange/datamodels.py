@@ -1,7 +1,6 @@
 """The datamodels release (MadryLab/datamodels-data): `train_masks_{PCT}pct.npy` (M, N) bool and
-`{train,test}_margins_{PCT}pct.npy` (M, N) / (M, N_test) float16, read block by block with file reads and copied
-into a margin-only `subsets.zarr` (masks, margins, done). A rerun continues at the first block not done.
-Export writes the same three files back from such a store.
+`{train,test}_margins_{PCT}pct.npy` float16 to and from a margin-only subsets.zarr, block by block; its fitted
+datamodels `{train,test}_{PCT}pct.pt` into the margin part of datamodels/<name>.zarr, by blocks of rows.
 """
 
 from __future__ import annotations
@@ -11,45 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.store import ArraySpec, open_or_create, open_store
 from pipelines.config import ConfigError
+from pipelines.interchange.files import NpyRows, PtTensors, write_npys
+from pipelines.interchange.stores import KIND, subsets_blocks, write_margin_datamodels, write_subsets
 
-KIND = "subsets"
+# KIND and NpyRows stay importable from here for code written against the release importer
+__all__ = ["KIND", "NpyRows", "export_release", "import_release", "import_weights"]
+
 MARGIN_DTYPE = "float16"
+RELEASE_HINT = "download it from the datamodels release next to the masks file"
 
 
-class NpyRows:
-    """Rows of a C-ordered .npy file read with plain file reads (no memory map, whose touched pages would count
-    towards the process's memory): `shape`, `dtype`, `ndim` and `rows(start, stop)`."""
+def _load(path: Path) -> NpyRows:
+    return NpyRows(path, RELEASE_HINT)
 
-    def __init__(self, path: Path):
-        if not path.exists():
-            raise ConfigError(f"missing {path}: download it from the datamodels release next to the masks file")
-        with open(path, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                          else np.lib.format.read_array_header_2_0)
-                self.shape, fortran, self.dtype = header(f)
-            except ValueError as exc:
-                raise ConfigError(f"{path} is not a .npy file ({exc}): download it again") from exc
-            self.offset = f.tell()
-        if fortran:
-            raise ConfigError(f"{path} is Fortran-ordered: save it C-ordered (np.save(np.ascontiguousarray(a)))")
-        self.path, self.ndim = path, len(self.shape)
-        self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
-        expected = self.offset + self.shape[0] * self.row_items * self.dtype.itemsize
-        if path.stat().st_size < expected:
-            raise ConfigError(f"{path} is truncated ({path.stat().st_size} of {expected} bytes): download it again")
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        count = (stop - start) * self.row_items
-        out = np.fromfile(self.path, dtype=self.dtype, count=count,
-                          offset=self.offset + start * self.row_items * self.dtype.itemsize)
-        return out.reshape((stop - start,) + tuple(self.shape[1:]))
-
-
-_load = NpyRows
 
 
 def release_files(source: Path) -> tuple[Path, Path, Path, str]:
@@ -85,51 +59,78 @@ def import_release(source: str | Path, run_dir: str | Path, block_size: int = 25
     check_release(masks, train, test)
     m, n = masks.shape
     t = n + test.shape[1]
-    path = Path(run_dir) / "subsets.zarr"
-    config = {"imported": "datamodels-release", "pct": pct, "n_models": m, "n_train": n, "n_targets": t,
-              "block_size": block_size}
-    arrays = {"masks": ArraySpec((m, n), "bool", (block_size, n), False),
-              "margins": ArraySpec((m, t), MARGIN_DTYPE, (block_size, t), float("nan")),
-              "done": ArraySpec((m,), "bool", (block_size,), False)}
-    group = open_or_create(path, arrays, kind=KIND, config=config,
-                           attrs={"n_train": n, "n_targets": t, "margin_only": True,
-                                  "imported": "datamodels-release", "block_size": block_size})
-    done = np.asarray(group["done"][:])
-    for start in range(0, m, block_size):
-        stop = min(m, start + block_size)
-        if done[start:stop].all():
-            continue
-        group["masks"][start:stop] = masks.rows(start, stop)
-        group["margins"][start:stop] = np.concatenate([train.rows(start, stop), test.rows(start, stop)], axis=1)
-        group["done"][start:stop] = True  # last: a block counts only once its rows are written
-    return path
+    return write_subsets(
+        run_dir, n_models=m, n_train=n, outputs=((t,), MARGIN_DTYPE), block_size=block_size,
+        read_block=lambda a, b: (masks.rows(a, b), np.concatenate([train.rows(a, b), test.rows(a, b)], axis=1)),
+        config={"imported": "datamodels-release", "pct": pct, "n_models": m, "n_train": n, "n_targets": t},
+        attrs={"imported": "datamodels-release"})
 
 
 def export_release(run_dir: str | Path, out: str | Path, pct: str | None = None) -> Path:
-    """Write run_dir/subsets.zarr (margin-only, complete) as the release's three .npy files under `out`."""
-    group = open_store(Path(run_dir) / "subsets.zarr", KIND)
-    if "margins" not in group:
-        raise ConfigError(f"{run_dir}/subsets.zarr has no margins: only a margin-only store exports to the release "
-                          "layout")
-    done = np.asarray(group["done"][:])
-    if not done.all():
-        raise ConfigError(f"{run_dir}/subsets.zarr has {int((~done).sum())} models not done: finish the import or "
-                          "the subsets stage first")
+    """Write run_dir/subsets.zarr (complete; margins, or logits turned into margins) as the release's three .npy
+    files under `out`, one stored block of models at a time."""
+    group, blocks = subsets_blocks(run_dir)
     m, n = group["masks"].shape
-    t = group["margins"].shape[1]
+    t = group.attrs["n_targets"]
     pct = pct or str(group.attrs["config"].get("pct", "50"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"masks": np.lib.format.open_memmap(out / f"train_masks_{pct}pct.npy", "w+", np.bool_, (m, n)),
-             "train": np.lib.format.open_memmap(out / f"train_margins_{pct}pct.npy", "w+", np.float16, (m, n)),
-             "test": np.lib.format.open_memmap(out / f"test_margins_{pct}pct.npy", "w+", np.float16, (m, t - n))}
-    block = group["masks"].chunks[0]
-    for start in range(0, m, block):
-        stop = min(m, start + block)
-        files["masks"][start:stop] = group["masks"][start:stop]
-        margins = group["margins"][start:stop]
-        files["train"][start:stop] = margins[:, :n]
-        files["test"][start:stop] = margins[:, n:]
-    for f in files.values():
-        f.flush()
+    write_npys({"masks": (out / f"train_masks_{pct}pct.npy", np.bool_, (m, n)),
+                "train": (out / f"train_margins_{pct}pct.npy", np.float16, (m, n)),
+                "test": (out / f"test_margins_{pct}pct.npy", np.float16, (m, t - n))},
+               ({"masks": masks, "train": margins[:, :n], "test": margins[:, n:]} for _, _, masks, margins in blocks))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the release's fitted datamodels: {train,test}_{PCT}pct.pt
+
+
+def weight_files(source: Path) -> tuple[Path, Path, str]:
+    """The train and test datamodel files of the one percentage found in `source`."""
+    found = sorted(source.glob("train_*pct.pt"))
+    if len(found) != 1:
+        raise ConfigError(f"{source} must hold exactly one train_{{PCT}}pct.pt, found {len(found)}: point SOURCE "
+                          "at a folder with the datamodels of one release percentage")
+    pct = re.fullmatch(r"train_(.+)pct\.pt", found[0].name).group(1)
+    return found[0], source / f"test_{pct}pct.pt", pct
+
+
+def check_datamodel(pt: PtTensors, n_features: int | None) -> tuple[int, int]:
+    """(n_features, n_targets) of one datamodel file, its keys, shapes and dtypes checked."""
+    missing = {"weight", "bias", "lam"} - set(pt.tensors)
+    if missing:
+        raise ConfigError(f"{pt.path} lacks {sorted(missing)}: a fitted datamodel holds 'weight', 'bias' and 'lam'")
+    weight = pt.tensors["weight"]
+    if len(weight.shape) != 2:
+        raise ConfigError(f"{pt.path}: weight must be 2-D (training points, targets), got shape {weight.shape}")
+    n, t = weight.shape
+    for key in ("bias", "lam"):
+        if pt.tensors[key].shape != (t,):
+            raise ConfigError(f"{pt.path}: {key} has shape {pt.tensors[key].shape}, the weight has {t} targets: "
+                              "the tensors are of different fits")
+    if n_features is not None and n != n_features:
+        raise ConfigError(f"{pt.path} has {n} training points, the train datamodels {n_features}: the files are "
+                          "of different releases")
+    return n, t
+
+
+def import_weights(source: str | Path, run_dir: str | Path, name: str = "lasso") -> Path:
+    """Copy the release's fitted datamodels (train targets, then test targets) into the margin part of
+    run_dir/datamodels/<name>.zarr, 256 training points at a time; returns its path."""
+    train_f, test_f, pct = weight_files(Path(source))
+    hint = "download it from the datamodels release next to the train datamodels"
+    train, test = PtTensors(train_f, hint), PtTensors(test_f, hint)
+    n, t_train = check_datamodel(train, None)
+    if t_train != n:
+        raise ConfigError(f"{train_f} has {t_train} targets for {n} training points: its targets must be the "
+                          "training points (a train_{PCT}pct.pt of the release)")
+    t = n + check_datamodel(test, n)[1]
+    both = (train, test)
+    return write_margin_datamodels(
+        run_dir, name, n_train=n, n_targets=t,
+        read_rows=lambda a, b: np.concatenate([pt.rows("weight", a, b) for pt in both], axis=1),
+        per_target={"margin_bias": np.concatenate([pt.whole("bias") for pt in both]),
+                    "margin_lambda": np.concatenate([pt.whole("lam") for pt in both])},
+        config={"imported": "datamodels-weights", "pct": pct, "n_train": n, "n_targets": t},
+        attrs={"imported": "datamodels-weights", "pct": pct})

@@ -32,7 +32,7 @@ from pipelines.rundir.layout import (
     stored_oracle_rows,
     validation_points,
 )
-from pipelines.rundir.variants import STOPPED_BY, parse_store_name
+from pipelines.rundir.variants import DATAMODEL_METHODS, STOPPED_BY, curve_models, parse_store_name
 from unlearning.base import FORWARD_PASS
 from unlearning.klom import floor_halves, klom, klom_intervals, klom_summary, margins, shift_and_spread
 from unlearning.metrics import MIA_FOLDS, accuracy, cost_fraction, lira_mia, per_example_loss, population_mia
@@ -62,6 +62,8 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
     run_dir = as_path(run_dir)
     models = open_store(store_path(run_dir, "models.zarr"), "models")  # a reused run's where linked
     info = run_info(models)
+    if models.attrs.get("margin_only", False):  # imported margins (dmu import edub): no labels needed
+        return evaluate_margins(run_dir, models, info, seed)
     labels = check_labels(labels, info)
     skipped: list[str] = []
     forget_sets, per_point = {}, {}
@@ -80,6 +82,7 @@ def evaluate_run(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0,
                "forget_sets": forget_sets,
                "datamodels": _lds(run_dir, skipped), "datamodels_cost": _datamodels_cost(run_dir, info),
                "tuning": _tuning(run_dir), "draws": draws_summary(forget_sets), "skipped": skipped}
+    metrics["datamodel_curve"] = datamodel_curve(forget_sets, metrics["datamodels"])
     if linear is not None:
         metrics["linear"] = _linear_summary(linear)
     return metrics, per_point
@@ -194,7 +197,7 @@ def _lds(run_dir: Path, skipped: list[str]) -> dict:
         except StoreError as err:
             skipped.append(f"datamodels/{path.name}: {err}")
             continue
-        out[path.name[: -len(".zarr")]] = {k: v for k, v in attrs.items() if k.startswith("lds")}
+        out[path.name[: -len(".zarr")]] = {k: v for k, v in attrs.items() if k.startswith("lds") or k == "n_fit"}
     return out
 
 
@@ -309,9 +312,114 @@ def _evaluate_forget_set(run_dir, models, fs, entry, labels, info, seed, skipped
              "oracle_floor": floor, "retrain": retrain}, per_point)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# margin-only models stores (dmu import edub)
+
+# what a margin-only run cannot report: accuracies, MIAs and costs need logits, losses or training times
+MARGINS_ONLY = "n/a (margins only)"
+
+
+def evaluate_margins(run_dir, models, info: dict, seed: int) -> tuple[dict, dict]:
+    """`evaluate_run` on a margin-only models.zarr (full models' and oracles' margins, pipelines.interchange.edub):
+    per forget set, doing nothing (the full models' margins; on the forget points the bench's own pretrain
+    forget margins where imported, `full_forget/<fs>`) and every finished unlearned store that holds margins
+    (DM-Direct on margins), against every imported oracle; KLOM in dmu's and in the bench's convention, both
+    directions; the oracle floor from two halves of the oracles. Accuracies, MIA and cost: MARGINS_ONLY."""
+    path = store_path(run_dir, "models.zarr")
+    k, n = info["k"], info["n"]
+    info["validation"] = validation_points(run_dir, "reporting", n, info["t"])
+    full = read(models["full/margins"], slice(0, k), store=path)
+    skipped: list[str] = []
+    forget_sets, per_point = {}, {}
+    for fs, entry in _load_forget_sets(run_dir).items():
+        indices = np.asarray(entry["indices"], dtype=np.int64)
+        sets = point_sets(indices, n, info["validation"])
+        done = np.asarray(models[f"oracle/{fs}/done"][:]) if f"oracle/{fs}/done" in models else np.zeros(0, bool)
+        if done.size < 2 or not done.all():
+            skipped.append(f"forget set {fs}: its oracles' margins are not all imported (rerun dmu import edub)")
+            continue
+        oracle = read(models[f"oracle/{fs}/margins"], store=path)
+        unchanged = full.copy()
+        if f"full_forget/{fs}/margins" in models:  # the bench's own margins of the full models on F
+            unchanged[:, indices] = read(models[f"full_forget/{fs}/margins"], slice(0, k), store=path)
+        scored = {"do_nothing": ("do_nothing", unchanged)}
+        for name, store_at in _method_stores(run_dir, f"unlearned/{fs}").items():
+            store = open_store(store_at, "unlearned")
+            label, method = store.attrs.get("label", name), store.attrs.get("method", name)
+            if method == "do_nothing":
+                continue  # scored above, from models.zarr
+            if "margins" not in store or not np.asarray(store["done"][:]).all():
+                skipped.append(f"{fs}/{label}: no finished margins (a margin-only run scores margins only)")
+                continue
+            scored[label] = (method, read(store["margins"], store=store_at))
+        methods = {}
+        for label, (method, unlearned) in scored.items():
+            values = klom(unlearned, oracle)
+            per_point.setdefault(fs, {})[label] = values[sets["forget"]]
+            methods[label] = {"method": method, **margin_scores(unlearned, oracle, sets, values)}
+        halves = floor_halves(oracle, seed)
+        floor_values = klom(*halves)
+        per_point[fs]["oracle floor"] = floor_values[sets["forget"]]
+        floor = {"klom": klom_summary(floor_values, sets),
+                 "klom_reverse": klom_summary(klom(*halves, direction=OTHER_DIRECTION), sets),
+                 "klom_interval": None, "kind": "half_split", "n_models_per_side": len(halves[0])}
+        forget_sets[fs] = {"size": int(indices.size), "how": entry.get("how", ""), "methods": methods,
+                           "oracle_floor": floor, "n_oracles": int(oracle.shape[0]),
+                           "retrain": {"accuracy": None, "mia": None, "cost": None}}
+    metrics = {"run": run_dir.name, "margin_only": True, "imported": models.attrs.get("imported"), "k": k,
+               "n_train": n, "n_targets": info["t"], "num_classes": info["c"], "epochs": info["epochs"],
+               "seed": seed, "validation_points": {"reporting": len(info["validation"]),
+                                                   "test_targets": info["t"] - n},
+               "forget_sets": forget_sets, "datamodels": _lds(run_dir, skipped), "skipped": skipped}
+    return metrics, per_point
+
+
+def margin_scores(unlearned: np.ndarray, oracle: np.ndarray, sets: dict, values: np.ndarray) -> dict:
+    """KLOM of margins (K, T) against the oracles' (K_o, T), summarised per point set: dmu's convention (`values`,
+    KL(oracle || unlearned)) and its other direction, and the Easy Data Unlearning Bench's binning
+    (unlearning.klom, convention "edub") in both directions: "klom_edub" KL(oracle || unlearned), the direction
+    of RoyRin/data-unlearning-bench's run.py; "klom_edub_reverse" KL(unlearned || oracle), the direction of
+    EasyDUB's klom_from_margins (easydub/eval.py), whose P95s its README prints."""
+    return {"klom": klom_summary(values, sets),
+            "klom_reverse": klom_summary(klom(unlearned, oracle, direction=OTHER_DIRECTION), sets),
+            "klom_edub": klom_summary(klom(unlearned, oracle, convention="edub"), sets),
+            "klom_edub_reverse": klom_summary(klom(unlearned, oracle, convention="edub",
+                                                   direction=OTHER_DIRECTION), sets),
+            "margins": _shift_and_spread(unlearned, oracle, sets),
+            "accuracy": MARGINS_ONLY, "mia": MARGINS_ONLY, "lira": MARGINS_ONLY, "cost": MARGINS_ONLY}
+
+
 def p99_average(kl: dict) -> float:
     """The headline: the average of the KLOM p99s over forget, retain and validation points (A2D Figure 2)."""
     return float(np.mean([kl[s]["p99"] for s in POINT_SETS]))
+
+
+def headline_interval(entry: dict | None) -> list[float] | None:
+    """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
+    return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
+
+
+def datamodel_curve(forget_sets: dict, datamodels: dict) -> dict:
+    """Unlearning quality against datamodel quality (unlearn.datamodel_curve): per forget set, each datamodel
+    method's headline with its interval against the number of subset models its LASSO datamodels were fit on
+    (the curve stores lasso_n<n>, and the run's own LASSO store at its n_fit models), and the oracle floor's
+    headline; {} for a run without curve stores."""
+    n_full = (datamodels.get("lasso") or {}).get("n_fit")
+    out = {}
+    for fs, entry in forget_sets.items():
+        lines: dict[str, list[dict]] = {}
+        for m in entry["methods"].values():
+            n = curve_models(m["datamodel"]) or (n_full if m["datamodel"] == "lasso" else None)
+            if m["method"] in DATAMODEL_METHODS and m["budget"] == 1 and n is not None:
+                lines.setdefault(m["method"], []).append(
+                    {"n_models": int(n), "p99_avg": p99_average(m["klom"]), "interval": headline_interval(m),
+                     "curve_store": curve_models(m["datamodel"]) is not None})
+        lines = {method: sorted(points, key=lambda p: p["n_models"]) for method, points in lines.items()
+                 if any(p["curve_store"] for p in points)}
+        if lines:
+            floor = entry["oracle_floor"]
+            out[fs] = {"methods": lines, "oracle_floor": p99_average(floor["klom"]) if floor else None}
+    return out
 
 
 def draws_summary(forget_sets: dict) -> dict:

@@ -14,14 +14,22 @@ import numpy as np
 from attribution.store import as_path, make_dirs, write_text
 from pipelines.report.evaluate import (
     INTERVAL_LEVEL,
+    MARGINS_ONLY,
     N_SUBSAMPLES,
     POINT_SETS,
     evaluate_run,
     floor_label,
+    headline_interval,
     json_safe,
     p99_average,
 )
-from pipelines.report.plots import plot_klom_distributions, plot_klom_vs_cost, plot_lds_curve, plot_linear
+from pipelines.report.plots import (
+    plot_klom_distributions,
+    plot_klom_vs_cost,
+    plot_klom_vs_models,
+    plot_lds_curve,
+    plot_linear,
+)
 from unlearning.metrics import MIA_FOLDS
 
 
@@ -33,13 +41,22 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
     (training examples, then test); seed: seeds the oracle floor's random halves (when it falls back to them)
     and the MIA's subsampling and folds; linear: the result of pipelines.stages.linear.linear_experiment, plotted and summarised when given.
     Writes run_dir/report/{report.md, metrics.json, klom_vs_cost.png, klom_distributions.png, lds_curve.png
-    (when an LDS curve is stored), linear.png (when `linear` is given)}.
+    (when an LDS curve is stored), klom_vs_models.png (with unlearn.datamodel_curve's stores), linear.png (when
+    `linear` is given)}.
     """
     run_dir = as_path(run_dir)
     metrics, per_point = evaluate_run(run_dir, labels, seed=seed, linear=linear)
 
     out = make_dirs(run_dir / "report")
     plots = {}
+    if metrics.get("margin_only"):  # imported margins: KLOM only (report.evaluate.evaluate_margins)
+        if per_point:
+            plot_klom_distributions(per_point, metrics, out / "klom_distributions.png")
+            plots["KLOM per forget point"] = "klom_distributions.png"
+        metrics = json_safe(metrics)
+        write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        write_text(out / "report.md", render_margins_markdown(metrics, plots))
+        return metrics
     if metrics["forget_sets"]:
         drawn = plot_klom_vs_cost(metrics, out / "klom_vs_cost.png")
         write_text(out / "klom_vs_cost.json", json.dumps(json_safe(drawn), indent=1))  # the plot's data
@@ -51,6 +68,10 @@ def build_report(run_dir: str | Path, labels: np.ndarray, *, seed: int = 0, line
     if any(d.get("lds_curve") for d in metrics["datamodels"].values()):
         plot_lds_curve(metrics["datamodels"], out / "lds_curve.png")
         plots["LDS curve"] = "lds_curve.png"
+    if metrics["datamodel_curve"]:
+        drawn = plot_klom_vs_models(metrics["datamodel_curve"], out / "klom_vs_models.png")
+        write_text(out / "klom_vs_models.json", json.dumps(json_safe(drawn), indent=1))  # the plot's data
+        plots["KLOM against the number of subset models"] = "klom_vs_models.png"
     if linear is not None:
         plot_linear(linear, out / "linear.png")
         plots["Linear model (seed Figure 3)"] = "linear.png"
@@ -76,11 +97,6 @@ def _per_set(kl: dict | None, stat: str) -> str:
     return " / ".join(_fmt(kl[s][stat]) for s in POINT_SETS) if kl else "–"
 
 
-def _headline_interval(entry: dict | None) -> list[float] | None:
-    """The interval of the headline (the p99 average) of a method's or the floor's metrics, None without one."""
-    return ((entry.get("klom_interval") or {}).get("p99_avg") or {}).get("p99") if entry else None
-
-
 def _with_interval(value: float, interval: list[float] | None) -> str:
     return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else _fmt(value)
 
@@ -99,7 +115,7 @@ def _against(interval: list[float] | None, floor: list[float] | None) -> str:
 def _pairwise(fs_metrics: dict) -> list[str]:
     """Method against method on the headline: "<" where the row's interval lies wholly below the column's
     (better), ">" wholly above, "≈" where they overlap (the difference is within sampling noise)."""
-    named = {name: _headline_interval(m) for name, m in fs_metrics["methods"].items()}
+    named = {name: headline_interval(m) for name, m in fs_metrics["methods"].items()}
     named = {name: ci for name, ci in named.items() if ci}
     if len(named) < 2:
         return []
@@ -120,11 +136,11 @@ def _table(fs_metrics: dict) -> list[str]:
             "LiRA AUC % | cost % passes | seconds | cost % seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     floor = fs_metrics["oracle_floor"]
-    floor_ci = _headline_interval(floor)
+    floor_ci = headline_interval(floor)
 
     def row(name, m, acc, gap, mia, lira, cost, spread=None, is_floor=False):
         kl = m.get("klom") if m else None
-        ci = _headline_interval(m)
+        ci = headline_interval(m)
         reverse = m.get("klom_reverse") if m else None
         cells = [name, _with_interval(p99_average(kl), ci) if kl else "–",
                  "–" if is_floor else _against(ci, floor_ci), _per_set(kl, "p99"), _per_set(kl, "p95"),
@@ -241,6 +257,25 @@ def _datamodels_cost_section(cost: dict | None) -> list[str]:
             "no example passes; its seconds are not recorded.", ""]
 
 
+def _datamodel_curve_section(curve: dict) -> list[str]:
+    """Unlearning quality against datamodel quality: the headline per number of subset models."""
+    if not curve:
+        return []
+    lines = ["## Unlearning against the number of subset models", "",
+             "KLOM p99 average [95 % interval] of the datamodel methods with LASSO datamodels fit on the first n "
+             "subset models (the largest n: the run's own LASSO store), each with the hyperparameters tuned on "
+             "the full LASSO store.", ""]
+    for fs, entry in curve.items():
+        sizes = sorted({p["n_models"] for points in entry["methods"].values() for p in points})
+        lines += [f"Forget set {fs} (oracle floor {_fmt(entry['oracle_floor'])}):", "",
+                  "| method | " + " | ".join(f"n = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for method, points in entry["methods"].items():
+            by_n = {p["n_models"]: _with_interval(p["p99_avg"], p["interval"]) for p in points}
+            lines.append(f"| {method} | " + " | ".join(by_n.get(n, "–") for n in sizes) + " |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
     k = metrics["k"]
     lines = [
@@ -320,6 +355,7 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines.append("No datamodel store in this run.")
     lines.append("")
 
+    lines += _datamodel_curve_section(metrics.get("datamodel_curve") or {})
     if "linear" in metrics:
         lin = metrics["linear"]
         s = lin["settings"] or {}
@@ -340,6 +376,56 @@ def render_markdown(metrics: dict, plots: dict[str, str]) -> str:
         lines += ["## Plots", ""]
         for title, path in plots.items():
             lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+def _p95s(kl: dict | None) -> str:
+    """The p95s of one KLOM summary as the bench prints them: retain / forget / val, 4 decimals."""
+    if not kl:
+        return "–"
+    return " / ".join("–" if kl[s]["p95"] is None else f"{kl[s]['p95']:.4f}" for s in ("retain", "forget",
+                                                                                        "validation"))
+
+
+def render_margins_markdown(metrics: dict, plots: dict[str, str]) -> str:
+    """report.md of a margin-only run (`dmu import edub`): KLOM of doing nothing and of each method scored on
+    margins, per split, in the bench's convention and in dmu's; what needs logits is n/a."""
+    k = metrics["k"]
+    lines = [
+        f"# Unlearning report: {metrics['run']} (margins only)",
+        "",
+        f"models.zarr holds margins, not logits ({metrics.get('imported') or 'imported'}): K = {k} full models; "
+        f"N = {metrics['n_train']} training points, T = {metrics['n_targets']} targets (training, then test). "
+        f"Accuracies, MIA and cost need logits or training times: {MARGINS_ONLY}.",
+        "",
+        "Bench P95 = the 95th percentile of KLOM per split, retain / forget / val, in the Easy Data Unlearning "
+        "Bench's binning (unlearning.klom, convention \"edub\"): 'EasyDUB' is KL(unlearned || oracle), the "
+        "direction of its eval_pretrain.py and README table; 'run.py' is KL(oracle || unlearned), the direction "
+        "of RoyRin/data-unlearning-bench's run.py. dmu p99 / p95 = this project's binning (docs/methods.md), "
+        "KL(oracle || unlearned), forget / retain / val. Every method is scored against all the oracles "
+        "imported for the forget set; the oracle floor splits them into two halves.",
+        "",
+    ]
+    for fs, m in metrics["forget_sets"].items():
+        floor = m["oracle_floor"]
+        lines += [f"## Forget set `{fs}` ({m['size']} points, {m['n_oracles']} oracles)", "", m["how"], "",
+                  "| method | bench P95, EasyDUB (retain / forget / val) | bench P95, run.py (retain / forget / val) "
+                  "| dmu p99 (forget / retain / val) | dmu p95 | accuracy | MIA |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, e in m["methods"].items():
+            lines.append(f"| {label} | {_p95s(e['klom_edub_reverse'])} | {_p95s(e['klom_edub'])} | "
+                         f"{_per_set(e['klom'], 'p99')} | {_per_set(e['klom'], 'p95')} | {MARGINS_ONLY} | "
+                         f"{MARGINS_ONLY} |")
+        if floor:
+            lines.append(f"| {floor_label(floor)} | – | – | {_per_set(floor['klom'], 'p99')} | "
+                         f"{_per_set(floor['klom'], 'p95')} | – | – |")
+        lines.append("")
+    if not metrics["forget_sets"]:
+        lines += ["No forget set has imported oracles: rerun `dmu import edub`.", ""]
+    if metrics["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {s}" for s in metrics["skipped"]] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{title}]({path})\n" for title, path in plots.items()]
     return "\n".join(lines)
 
 

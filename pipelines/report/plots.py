@@ -11,6 +11,7 @@ import numpy as np
 
 from attribution.store import as_path, is_local
 from pipelines.report.evaluate import POINT_SETS, floor_label, method_order
+from pipelines.rundir.variants import curve_models
 
 # Methods that cost no example passes (do_nothing, dm_direct) sit at this x on the log-scale cost axis.
 ZERO_COST_X = 1e-4
@@ -70,6 +71,8 @@ def klom_vs_cost_data(metrics: dict) -> dict:
         for panel in FIGURE2_PANELS:
             curves: dict[str, list] = {}
             for label, entry in m["methods"].items():
+                if curve_models(entry.get("datamodel")) is not None:  # drawn by plot_klom_vs_models
+                    continue
                 y = _p99(entry["klom"], panel)
                 curves.setdefault(_series(label), []).append((entry["cost"]["passes_fraction"], y))
             floor = _p99(m["oracle_floor"]["klom"], panel) if m["oracle_floor"] is not None else None
@@ -188,6 +191,36 @@ def plot_lds_curve(datamodels: dict, path) -> dict:
     ax.set_title("Linear datamodeling score against estimation budget", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=110)
+    return drawn
+
+
+def plot_klom_vs_models(curve: dict, path) -> dict:
+    """KLOM's headline (p99 average, with its interval) of the datamodel methods against the number of subset
+    models their LASSO datamodels were fit on, a panel per forget set, the oracle floor dashed; returns the drawn
+    data {forget set: {series: [[n, value, low, high], ...]}} (low, high NaN without an interval)."""
+    fig, axes = _figure(len(curve))
+    drawn: dict[str, dict[str, list]] = {}
+    for ax, (fs, entry) in zip(axes, curve.items()):
+        drawn[fs] = {}
+        for i, (method, points) in enumerate(entry["methods"].items()):
+            rows = [[p["n_models"], p["p99_avg"], *(p["interval"] or (np.nan, np.nan))] for p in points]
+            x, y, lo, hi = np.asarray(rows, dtype=float).T
+            ax.errorbar(x, y, yerr=np.abs(np.vstack([y - lo, hi - y])), marker=MARKERS[i % len(MARKERS)],
+                        capsize=3, lw=1.6, label=method)
+            drawn[fs][method] = rows
+        if entry["oracle_floor"] is not None:
+            ax.axhline(entry["oracle_floor"], ls="--", color="grey", lw=1.2, label="oracle floor")
+            drawn[fs]["oracle floor"] = [[np.nan, entry["oracle_floor"], np.nan, np.nan]]
+        ticks = sorted({p["n_models"] for points in entry["methods"].values() for p in points})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("subset models the LASSO datamodels were fit on (log scale)")
+        ax.set_ylabel("KLOM p99 average (lower is better)")
+        ax.set_title(f"forget set {fs}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     save_figure(fig, path, dpi=110)
     return drawn
 

@@ -20,6 +20,7 @@ from attribution.store import (
     as_path,
     check_reachable,
     diff_keys,
+    exists,
     location,
     normalise_config,
     open_group,
@@ -137,6 +138,13 @@ def oracle_rows(k: int, om_oracles: int, floor_oracles: bool) -> dict[str, slice
 def open_models(run_dir) -> zarr.Group:
     """models.zarr of a run (a local path or an object-store URL; a reused run's where linked), read-only."""
     return open_store(store_path(run_dir, "models.zarr"), MODELS_KIND)
+
+
+def margin_only_models(run_dir) -> bool:
+    """Whether the run's models.zarr holds margins in place of logits and parameters (`dmu import edub`): only
+    what works on margins runs on it (DM-Direct on margin datamodels, KLOM)."""
+    path = store_path(run_dir, "models.zarr")
+    return exists(path) and bool(open_store(path, MODELS_KIND).attrs.get("margin_only", False))
 
 
 def stored_oracle_rows(models: zarr.Group) -> dict[str, slice]:

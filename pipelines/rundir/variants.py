@@ -106,10 +106,30 @@ def show_datamodel(cfg: RunConfig, method: str) -> bool:
     return method in DATAMODEL_METHODS and (len(u.datamodels) > 1 or u.datamodels != ("lasso",))
 
 
+def curve_sizes(cfg: RunConfig) -> tuple[int, ...]:
+    """The numbers of subset models of unlearn.datamodel_curve's LASSO stores: datamodels.lds_curve's sizes below
+    the fit models (the largest point of the curve is the run's own LASSO store); () when the curve is off."""
+    d = cfg.datamodels
+    n_fit = cfg.subsets.n_models - d.n_val - d.n_lds
+    return tuple(sorted({n for n in d.lds_curve if 0 < n < n_fit})) if cfg.unlearn.datamodel_curve else ()
+
+
+def curve_store(n_models: int) -> str:
+    """The datamodel store of LASSO fit on the first `n_models` subset models (datamodels/lasso_n<n>.zarr)."""
+    return f"lasso_n{n_models}"
+
+
+def curve_models(datamodel: str | None) -> int | None:
+    """The number of subset models of a curve store's name (lasso_n96 -> 96); None for any other store."""
+    match = re.fullmatch(r"lasso_n(\d+)", datamodel or "")
+    return int(match.group(1)) if match else None
+
+
 def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
     """Every method of the config at every budget (where it has a budget knob) and, for the datamodel methods,
     on every datamodel store; hyperparameters: the tune stage's choice for that method and datamodel
-    (`Variant.tuning_key`) where it made one, else unlearn.hparams."""
+    (`Variant.tuning_key`) where it made one, else unlearn.hparams. With unlearn.datamodel_curve, the datamodel
+    methods also run on each curve store (`curve_sizes`) with the hyperparameters chosen on the LASSO store."""
     u = cfg.unlearn
     out = []
     for method in u.methods:
@@ -118,6 +138,9 @@ def variants(cfg: RunConfig, chosen: dict[str, dict]) -> list[Variant]:
             hp = chosen.get(Variant(method, {}, dm, show_datamodel=show).tuning_key, u.hparams.get(method, {}))
             for b in sorted(u.budgets) if budget_key(method) else (1.0,):
                 out.append(Variant(method, scaled(method, hp, b), dm, float(b), show))
+        if method in DATAMODEL_METHODS:
+            hp = chosen.get(Variant(method, {}, "lasso", show_datamodel=show).tuning_key, u.hparams.get(method, {}))
+            out += [Variant(method, dict(hp), curve_store(n), 1.0, True) for n in curve_sizes(cfg)]
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from attribution.lasso import LassoDatamodels, MaskGram
 from attribution.lds import lds
 from attribution.store import ArraySpec, location, open_group, open_or_create
 from pipelines.rundir.reuse import reuse_store
+from pipelines.rundir.variants import curve_sizes, curve_store
 from pipelines.stages.context import RunContext, drive
 from pipelines.stages.datamodel_io import (
     CURVE_TARGETS,
@@ -132,14 +134,25 @@ def lasso_curve(ctx: RunContext, source: SubsetSource) -> list[list[float]]:
     return [points[i] for i in range(len(sizes))]
 
 
-def run_lasso(ctx: RunContext, source: SubsetSource) -> None:
+def curve_config(cfg, n_models: int) -> dict:
+    """The config of a curve store (`pipelines.rundir.variants.curve_store`): LASSO's, on the first n fit models."""
+    return {**datamodels_config(cfg, "lasso"), "fit_models": n_models}
+
+
+def run_lasso(ctx: RunContext, source: SubsetSource, *, fit_models: int | None = None) -> None:
+    """LASSO datamodels into datamodels/lasso.zarr, or with `fit_models` = n into the curve store
+    datamodels/lasso_n<n>.zarr, fit on the first n fit models (the same validation and LDS models)."""
     cfg, data = ctx.cfg, ctx.data
     d = cfg.datamodels
+    name, config = "lasso", datamodels_config(cfg, "lasso")
+    if fit_models is not None:
+        name, config = curve_store(fit_models), curve_config(cfg, fit_models)
+        source = replace(source, splits=(source.splits[0][:fit_models], *source.splits[1:]))
     chunk = min(d.target_chunk, data.n_targets)
-    path = ctx.run_dir / "datamodels" / "lasso.zarr"
+    path = ctx.run_dir / "datamodels" / f"{name}.zarr"
     arrays = {**store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype),
               **gram_arrays(data.n_train)}
-    group = open_or_create(path, arrays, kind=KIND, config=datamodels_config(cfg, "lasso"),
+    group = open_or_create(path, arrays, kind=KIND, config=config,
                            attrs={**ctx.dataset_attrs(), "method": "lasso", "target_chunk": chunk,
                                   **dict(zip(("n_fit", "n_val", "n_lds"), map(len, source.splits))),
                                   **dropped_attrs(cfg, source),
@@ -155,13 +168,14 @@ def run_lasso(ctx: RunContext, source: SubsetSource) -> None:
     shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio}
     drive(ctx, fit_lasso_chunk, target_units(data.n_targets, chunk, np.asarray(group["done"][:])), shared,
           lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=data.n_targets,
-          desc="LASSO datamodels", unit="target")
-    if "lds_mean" not in group.attrs or (d.lds_curve and "lds_curve" not in group.attrs):
+          desc=f"LASSO datamodels ({name})", unit="target")
+    curve = bool(d.lds_curve) and fit_models is None  # the LDS curve belongs to the run's own LASSO store
+    if "lds_mean" not in group.attrs or (curve and "lds_curve" not in group.attrs):
         summary = lds_summary(group, data.n_train)
-        if d.lds_curve:
+        if curve:
             summary["lds_curve"] = lasso_curve(ctx, source)
         group.attrs.update(summary)
-    log.info("LASSO datamodels: mean LDS %.3f (logits), %.3f (margins)", group.attrs["lds_mean"],
+    log.info("LASSO datamodels (%s): mean LDS %.3f (logits), %.3f (margins)", name, group.attrs["lds_mean"],
              group.attrs["lds_margin_mean"])
 
 
@@ -169,11 +183,15 @@ def run(ctx: RunContext) -> None:
     d = ctx.cfg.datamodels
     # stores a reused run holds, complete and made with this config, are read there (pipelines.rundir.reuse)
     methods = [m for m in d.methods if not reuse_store(ctx, f"datamodels/{m}.zarr", datamodels_config(ctx.cfg, m))]
-    if not methods:
+    curve = [n for n in curve_sizes(ctx.cfg)
+             if not reuse_store(ctx, f"datamodels/{curve_store(n)}.zarr", curve_config(ctx.cfg, n))]
+    if not methods and not curve:
         return
     source = open_subsets(ctx)
     for method in methods:
         ESTIMATORS[method](ctx, source)
+    for n in curve:  # unlearn.datamodel_curve: LASSO on the first n fit models
+        run_lasso(ctx, source, fit_models=n)
 
 
 # The datamodel estimators (datamodels.methods, config.DATAMODEL_ESTIMATORS), each writing datamodels/<name>.zarr.

@@ -14,6 +14,7 @@ unlearn`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,16 @@ import zarr
 from torch import nn
 
 from attribution.masks import model_seeds
-from attribution.store import ArraySpec, StoreError, location, open_group, open_or_create, read
+from attribution.store import (
+    ArraySpec,
+    StoreError,
+    exists,
+    location,
+    open_group,
+    open_or_create,
+    open_store,
+    read,
+)
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
 from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
 from pipelines.engine.training import default_device, pack_size_for, packed_forward, train_models
@@ -33,6 +43,7 @@ from pipelines.rundir.layout import (
     fingerprint,
     load_forget_sets,
     load_tuned,
+    margin_only_models,
     om_ready,
     om_targets,
     open_models,
@@ -185,7 +196,95 @@ def run_variants(ctx: RunContext, sets: dict[str, np.ndarray], chosen: list[Vari
     return stores
 
 
+# ----------------------------------------------------------------------------------------------------------
+# a margin-only models.zarr (dmu import edub): DM-Direct on margins
+
+
+# what runs on full models' and oracles' margins alone; do_nothing is scored by the report from models.zarr
+MARGIN_METHODS = ("do_nothing", "dm_direct")
+# stages that need trained models' logits or parameters, or that would replace the imported forget sets
+LOGIT_STAGES = ("forget_sets", "models", "tune")
+
+
+def check_margin_only(ctx: RunContext, stages) -> None:
+    """Refuse, before any stage runs, what a margin-only models.zarr (`dmu import edub`) cannot serve: methods
+    that need class logits or the full models' parameters, and the stages that train or draw over it."""
+    if not margin_only_models(ctx.run_dir):
+        return
+    where = f"{ctx.run_dir}/models.zarr holds margins only (imported)"
+    bad_stages = [s for s in stages if s in LOGIT_STAGES]
+    if bad_stages:
+        raise ConfigError(f"{where}: stages {', '.join(bad_stages)} need trained models' logits and parameters or "
+                          "would replace the imported forget sets; run unlearn and report only (pipelines/configs/"
+                          "cifar10_imported.yaml), or train in a new run directory")
+    if "unlearn" in stages:
+        bad = [m for m in ctx.cfg.unlearn.methods if m not in MARGIN_METHODS]
+        if bad:
+            raise ConfigError(f"{where}: unlearn.methods {', '.join(bad)} need class logits and the full models' "
+                              f"parameters, which it lacks; keep only {' and '.join(MARGIN_METHODS)}, or train the "
+                              "models (the models stage) in a new run directory")
+        if "dm_direct" in ctx.cfg.unlearn.methods and "datamodels" not in stages:
+            attrs = open_models(ctx.run_dir).attrs
+            for dm in ctx.cfg.unlearn.datamodels:
+                margin_datamodel_store(ctx.run_dir, dm, int(attrs["n_train"]), int(attrs["n_targets"]))
+
+
+def margin_datamodel_store(run_dir, datamodel: str, n_train: int, t: int) -> str:
+    """The location of datamodels/<datamodel>.zarr, checked for DM-Direct on margins: complete, with
+    `margin_weights` (N, T)."""
+    path = store_path(run_dir, f"datamodels/{datamodel}.zarr")
+    if not exists(path):
+        raise ConfigError(f"no datamodel store at {path}: DM-Direct on a margin-only models.zarr reads its "
+                          "margin_weights; import one (dmu import datamodels-store) or fit it (the datamodels stage)")
+    store = open_store(path, "datamodels")
+    if "margin_weights" not in store:
+        raise ConfigError(f"{path} has no margin_weights: DM-Direct on a margin-only models.zarr needs margin "
+                          "datamodels; import or fit a store that has them")
+    if tuple(store["margin_weights"].shape) != (n_train, t):
+        raise ConfigError(f"{path} has margin_weights {tuple(store['margin_weights'].shape)} but models.zarr has "
+                          f"(N, T) = {(n_train, t)}: the stores are of different datasets")
+    if "done" in store and not np.asarray(store["done"][:]).all():
+        raise ConfigError(f"{path} is not complete: finish the datamodels stage or the import first")
+    return location(path)
+
+
+def run_on_margins(ctx: RunContext) -> None:
+    """DM-Direct on margins for every forget set: the full models' margins minus the sum of the forget rows'
+    margin datamodel weights, into unlearned/<fs>/<variant>.zarr (`margins` (K, T) float32, seconds, done); in
+    the driver, one forget set at a time: K x T x 8 + |F| x T x 4 bytes."""
+    cfg = ctx.cfg
+    models = open_models(ctx.run_dir)
+    k, n_train, t = int(models.attrs["k"]), int(models.attrs["n_train"]), int(models.attrs["n_targets"])
+    chosen = [v for v in variants(cfg, load_tuned(ctx.run_dir, cfg)) if v.method == "dm_direct"]
+    if not chosen:
+        return
+    full = read(models["full/margins"], slice(0, k), store=store_path(ctx.run_dir, "models.zarr"))
+    block = cfg.models.block_size
+    for fs, idx in load_forget_sets(ctx.run_dir).items():
+        for v in chosen:
+            arrays = {"margins": ArraySpec((k, t), "float32", (block, t), float("nan"), compressed=False),
+                      "seconds": ArraySpec((k,), "float64", (block,), float("nan")),
+                      "example_passes": ArraySpec((k,), "float64", (block,), float("nan")),
+                      "done": ArraySpec((k,), "bool", (block,), False)}
+            g = open_or_create(ctx.run_dir / "unlearned" / fs / f"{v.store_name}.zarr", arrays, kind=KIND,
+                               config={**unlearned_config(cfg, fs, idx, v), "margin_only": True},
+                               attrs={"forget_set": fs, **v.describe(), "margin_only": True})
+            if np.asarray(g["done"][:]).all():
+                continue
+            start = time.perf_counter()
+            store = margin_datamodel_store(ctx.run_dir, v.datamodel, n_train, t)
+            weights = open_group(store)["margin_weights"]
+            delta = read(weights, (np.sort(idx), slice(None)), store=store).astype(np.float64).sum(0)
+            g["margins"][:] = (full - delta).astype(np.float32)
+            g["seconds"][:] = (time.perf_counter() - start) / k
+            g["example_passes"][:] = 0.0  # no passes beyond the datamodels' one-off fit (docs/methods.md §3)
+            g["done"][:] = True
+
+
 def run(ctx: RunContext) -> None:
+    if margin_only_models(ctx.run_dir):
+        run_on_margins(ctx)
+        return
     cfg, data = ctx.cfg, ctx.data
     sets = load_forget_sets(ctx.run_dir)
     chosen = variants(cfg, load_tuned(ctx.run_dir, cfg))
@@ -259,6 +358,9 @@ def serve_request(run_dir: str | Path, cfg: RunConfig, forget_ids: np.ndarray, m
     if len(idx) == data.n_train:
         raise ConfigError(f"bad forget ids: they name all {data.n_train} training examples, so nothing is "
                           "retained; forget a subset")
+    if margin_only_models(run_dir):
+        raise ConfigError(f"{run_dir}/models.zarr holds margins only (imported): no full model's parameters to "
+                          "unlearn from; serve requests from a run whose models stage trained them")
     models = open_models(run_dir)
     k = models.attrs["k"]
     if not 0 <= model_index < k or not models["full/done"][model_index]:
