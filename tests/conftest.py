@@ -21,6 +21,11 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
+    """A test on a real Ray cluster (marker `ray`) is `slow` too: Ray's start-up alone takes seconds. Without a
+    GPU, the `cuda` tests are skipped."""
+    for item in items:
+        if "ray" in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -90,6 +90,7 @@ def test_import_path_falls_back_to_the_working_directory(tmp_path, monkeypatch):
     sys.modules.pop("cwdtasks_for_dmu_test", None)
 
 
+@pytest.mark.slow
 def test_dmu_console_script_imports_the_task_from_the_working_directory(tmp_path):
     """`dmu` (a console script: its sys.path lacks the working directory) resolves
     examples.digits_task:make_task from the repository root, and says what is missing elsewhere."""

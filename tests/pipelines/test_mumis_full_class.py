@@ -8,6 +8,7 @@ reaches forget accuracy 0 only by moving the other classes' logits through the s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from attribution.masks import model_seeds
@@ -20,6 +21,7 @@ K = 2
 FORGET_CLASS = 0
 
 
+@pytest.mark.slow
 def test_mu_mis_removes_a_class_from_the_mlp_as_retraining_does():
     torch.set_num_threads(2)
     task = get_task(TaskConfig(arch="mlp", n_train=1000, n_test=1000))  # the task's recipe: 150 epochs

@@ -83,6 +83,7 @@ def runs(s3_server, tmp_path_factory):
     return {"url": url, "remote": remote, "local": local, "s3": s3_server, "report_rc": report_rc}
 
 
+@pytest.mark.slow
 def test_stores_on_s3_equal_a_local_run_bit_for_bit(runs):
     s3, local = runs["s3"], runs["local"].run_dir
     stores = find_stores(local)
@@ -114,6 +115,7 @@ def test_stores_on_s3_equal_a_local_run_bit_for_bit(runs):
     assert not fs.exists(f"{bucket_run}/forget_sets.tmp")  # written in one PUT, no temporary object
 
 
+@pytest.mark.slow
 def test_report_written_to_the_bucket(runs):
     assert runs["report_rc"] == 0
     fs = s3fs.S3FileSystem()
@@ -136,6 +138,7 @@ def test_report_written_to_the_bucket(runs):
     assert not fs.exists(f"{report}/metrics.tmp")
 
 
+@pytest.mark.slow
 def test_dmu_info_and_unlearn_take_the_url(runs, tmp_path, capsys):
     assert main(["info", runs["url"]]) == 0
     out = capsys.readouterr().out

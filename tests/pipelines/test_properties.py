@@ -148,6 +148,7 @@ def fake_stages() -> dict:
     return stages
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=config_texts, stages=st.one_of(st.none(), st.just("unlearn"), st.just("forget_sets,unlearn"),
                                            st.just("bogus"), st.text(max_size=10).filter(lambda s: s[:1] != "-")))
@@ -253,6 +254,7 @@ methods = st.one_of(st.sampled_from(CHEAP_METHODS), st.sampled_from(CHEAP_METHOD
 models = st.one_of(st.just(0), st.just(1), st.sampled_from([2, -1, 2**70]))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(forget=forget_files, method=methods, model=models)

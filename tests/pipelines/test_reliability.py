@@ -127,6 +127,7 @@ def test_bad_cluster_address_fails_fast(tmp_path, capsys):
     assert not (Path(cfg.run_dir) / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_hanging_join_exits_within_its_timeout(tmp_path):
     """Something that is not a Ray head listens at the address: the probe passes, ray.init hangs; the watchdog
     prints one line, runs the exit hooks (the lock's release) and exits 2 (in a subprocess: it ends the process)."""
@@ -147,6 +148,7 @@ def test_hanging_join_exits_within_its_timeout(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_unwinds_and_a_rerun_resumes(tmp_path):
     full = run_subsets(small_config(tmp_path / "full", n_models=16, epochs=40))
     cfg_path, cfg = write_config(tmp_path / "term", n_models=16, epochs=40)

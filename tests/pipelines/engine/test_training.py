@@ -49,6 +49,7 @@ def test_minibatch_streams_cycle_through_own_examples():
     np.testing.assert_array_equal(s, minibatch_streams(masks, [1, 2], 5, 4).numpy())
 
 
+@pytest.mark.slow
 def test_packed_and_one_at_a_time_learn_alike_and_deterministically():
     task = get_task(TaskConfig(n_train=600, n_test=300, recipe=RecipeConfig(epochs=8, batch_size=64)))
     data = task.load_data()

@@ -91,6 +91,7 @@ def config_yaml(cfg, path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_changed_hyperparameter_reuses_every_upstream_store(base, tmp_path, monkeypatch, capsys,
                                                             no_upstream_training):
     """Through the CLI: `dmu run CONFIG --reuse BASE` with another gradient_ascent lr."""
@@ -156,6 +157,7 @@ def test_changed_hyperparameter_reuses_every_upstream_store(base, tmp_path, monk
     assert tree_digest(base) == before
 
 
+@pytest.mark.slow
 def test_changed_models_section_recomputes_models_only(base, tmp_path, monkeypatch):
     before = tree_digest(base)
     new = tmp_path / "k3"
@@ -180,6 +182,7 @@ def test_changed_models_section_recomputes_models_only(base, tmp_path, monkeypat
     assert tree_digest(base) == before
 
 
+@pytest.mark.slow
 def test_an_incomplete_or_different_store_is_not_linked(base, tmp_path):
     """A copy of the base run's models.zarr with one model not done: not linked (a stage would resume it, and
     a reused store is never written); done again, it is. Another config: not linked."""
@@ -212,6 +215,7 @@ def test_a_reuse_that_is_no_run_is_one_line(tmp_path, capsys):
     assert "is this run's own directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_base_on_the_object_store_is_reused_from_a_local_run(s3_server, tmp_path, capsys):
     """Subsets, datamodels and forget sets on s3:// (moto); a local run reuses them and computes its models and
     DM-Direct, whose work units read the datamodel rows from the bucket."""

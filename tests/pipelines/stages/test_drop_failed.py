@@ -73,6 +73,7 @@ def surviving_run(root, masks, logits, keep, dm: DatamodelsConfig) -> RunContext
     return ctx
 
 
+@pytest.mark.slow
 def test_lasso_with_drop_failed_equals_a_fit_on_the_surviving_models(tmp_path, caplog):
     dm = DatamodelsConfig(**DM, lds_curve=(40, 93), drop_failed=True)
     ctx, masks, logits, _ = planted_run(tmp_path / "drop", datamodels=dm)

@@ -131,6 +131,7 @@ def test_changed_forget_sets_config_is_refused(tmp_path):
 # ---- models ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_train_on_the_right_examples(pipeline):
     """Retrain the first block of each ensemble directly with the engine and the same seeds: identical params.
     Full models use every training example; oracles every example but the forget set."""
