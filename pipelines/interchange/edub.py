@@ -32,7 +32,7 @@ import numpy as np
 
 from attribution.store import ArraySpec, open_or_create, open_store, read, write_text
 from pipelines.config import ConfigError, load_config, to_dict
-from pipelines.interchange.datamodels import NpyRows
+from pipelines.interchange.files import NpyRows
 from pipelines.rundir.layout import MODELS_KIND, fingerprint, forget_sets_path, load_forget_sets, load_run_config
 from pipelines.tasks import get_task
 from unlearning.klom import margins as margins_of
@@ -44,6 +44,8 @@ EPOCHS = EPOCH + 1
 SPLITS = ("retain", "forget", "val")
 # the config a run imported without one gets (config.json), for `dmu report RUN` and the unlearn stage
 IMPORTED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cifar10_imported.yaml"
+
+HINT = "download it again from the EasyDUB dataset (docs/public_stores.md)"
 
 
 def model_file(m: int) -> str:
@@ -128,7 +130,7 @@ def load_forget_set(path: Path) -> np.ndarray:
 
 def check_file(path: Path, size: int, dtype, what: str) -> NpyRows:
     """The header of one per-model margins file, checked: 1-D, `size` entries, the dtype of the others."""
-    arr = NpyRows(path)
+    arr = NpyRows(path, HINT)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.floating):
         raise ConfigError(f"{path} must be a 1-D float array of margins, got {arr.dtype} {arr.shape}: download "
                           "it again")
@@ -148,8 +150,8 @@ def scan_source(source: Path, n_models: int | None) -> dict:
     files = forget_set_files(source)
     first = next(iter(files))
     full_dirs = margin_dirs(source, first)
-    n_train = NpyRows(_first_file(full_dirs["pretrain/retain"])).shape[0]
-    n_test = NpyRows(_first_file(full_dirs["pretrain/val"])).shape[0]
+    n_train = NpyRows(_first_file(full_dirs["pretrain/retain"]), HINT).shape[0]
+    n_test = NpyRows(_first_file(full_dirs["pretrain/val"]), HINT).shape[0]
     sets, oracles = {}, {}
     pretrain = {"retain": full_dirs["pretrain/retain"], "val": full_dirs["pretrain/val"]}
     for fid, path in files.items():
@@ -174,7 +176,7 @@ def scan_source(source: Path, n_models: int | None) -> dict:
                 raise ConfigError(f"--n-models {n_models}: the source holds {have} {kind} models; import at most "
                                   f"{have}")
         k, oracles = n_models, {f: n_models for f in oracles}
-    dtype = NpyRows(_first_file(full_dirs["pretrain/retain"])).dtype
+    dtype = NpyRows(_first_file(full_dirs["pretrain/retain"]), HINT).dtype
     for m in range(k):
         check_file(pretrain["retain"] / model_file(m), n_train, dtype, "the training set (pretrain retain)")
         check_file(pretrain["val"] / model_file(m), n_test, dtype, "the test set (pretrain val)")
@@ -273,7 +275,7 @@ def import_edub(source: str | Path, run_dir: str | Path, n_models: int | None = 
 
 
 def _read(folder: Path, m: int) -> np.ndarray:
-    arr = NpyRows(folder / model_file(m))
+    arr = NpyRows(folder / model_file(m), HINT)
     return arr.rows(0, arr.shape[0])
 
 
