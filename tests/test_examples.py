@@ -38,6 +38,7 @@ def test_digits_task_loads_real_digits():
         get_task(TaskConfig(name=DIGITS, arch="resnet"))
 
 
+@pytest.mark.slow
 def test_digits_pipeline_end_to_end(digits_run):
     for store in ("subsets.zarr", "datamodels/lasso.zarr", "models.zarr", "forget_sets.json", "config.json",
                   "report/metrics.json", "report/report.md"):
@@ -126,6 +127,7 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_influential_points_script(digits_run, tmp_path):
     from pipelines import open_run
 
@@ -144,6 +146,7 @@ def test_influential_points_script(digits_run, tmp_path):
     assert_png(out)
 
 
+@pytest.mark.slow
 def test_predicted_vs_actual_script(digits_run, tmp_path):
     from scipy.stats import pearsonr
 
@@ -172,6 +175,7 @@ def test_predicted_vs_actual_script(digits_run, tmp_path):
     assert_png(out)
 
 
+@pytest.mark.slow
 def test_compare_runs_script(digits_run, tmp_path):
     """Two runs' metrics.json side by side: A's numbers as reported, B - A as changed by hand in B's copy."""
     import shutil

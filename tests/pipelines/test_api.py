@@ -23,6 +23,7 @@ def raw(run_dir, store: str) -> zarr.Group:
     return zarr.open_group(str(run_dir / store), mode="r")
 
 
+@pytest.mark.slow
 def test_open_run_exposes_the_stores(run, digits_run):
     assert isinstance(run.config, RunConfig) and run.config.task.name == "examples.digits_task:make_task"
     assert run.config.run_dir == str(run.run_dir)
@@ -46,6 +47,7 @@ def test_open_run_refuses_a_directory_that_is_not_a_run(tmp_path):
         open_run(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["margin", "logits"])
 def test_predicted_effect_is_minus_the_removed_rows(run, digits_run, output):
     name = "margin_weights" if output == "margin" else "weights"
@@ -65,6 +67,7 @@ def test_predicted_effect_is_minus_the_removed_rows(run, digits_run, output):
         run.predicted_effect([200], output=output)
 
 
+@pytest.mark.slow
 def test_most_influential_is_an_argsort_of_the_column(run, digits_run):
     store = raw(digits_run, "datamodels/lasso.zarr")
     column = np.asarray(store["margin_weights"][:, 250])
@@ -83,6 +86,7 @@ def test_most_influential_is_an_argsort_of_the_column(run, digits_run):
         run.most_influential(250, output="loss")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forget_set", ["random_10", "class_0"])
 def test_klom_matches_the_report(run, forget_set):
     metrics = run.metrics["forget_sets"][forget_set]["methods"]

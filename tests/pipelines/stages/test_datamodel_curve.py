@@ -59,6 +59,7 @@ def test_curve_variants_take_the_hyperparameters_tuned_on_lasso(tmp_path):
     assert not any(curve_models(v.datamodel) for v in variants(off, {}))
 
 
+@pytest.mark.slow
 def test_curve_store_is_lasso_on_the_first_n_fit_models(tmp_path):
     """The planted run of test_datamodels: 160 models split 96 fit / 32 validation / 32 LDS; the curve store at
     n = 48 is scikit-learn's Lasso at its stored λ on the first 48 fit models and the validation models."""

@@ -111,6 +111,7 @@ def test_lasso_with_drop_failed_equals_a_fit_on_the_surviving_models(tmp_path, c
         np.testing.assert_allclose(w[:, t, c], ref_fit.coef_, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_resuming_with_other_failed_rows_refused(tmp_path):
     ctx, *_ = planted_run(tmp_path, datamodels=DatamodelsConfig(**DM, drop_failed=True))
     fail(ctx.run_dir, [3])
@@ -152,6 +153,7 @@ def test_index_reads_go_block_by_block(tmp_path, monkeypatch):
     assert [s[0] for s in reads] == [slice(10, 40)]
 
 
+@pytest.mark.slow
 def test_trak_with_drop_failed_equals_trak_on_the_surviving_models(tmp_path):
     """Real subset models (keep_params 6): a failed checkpoint is replaced by the next model, and TRAK equals
     TRAK on a store of the surviving models only."""

@@ -149,6 +149,7 @@ def test_peak_memory_is_the_formula_not_the_dense_matrix(tmp_path):
     assert peak < 8 * n * n / 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [decaying_factors, sparse_datamodel])
 def test_demo_like_matrix_gives_the_dense_forget_sets(tmp_path, make):
     """N = 1,000 (the demo's): pc1_top50, pc2_top50, pc1_ends25, pc2_ends25 as from the dense SVD."""

@@ -195,6 +195,7 @@ def test_unlearn_refuses_without_the_tune_stage(tmp_path):
         layout.load_tune(ctx.run_dir, other)
 
 
+@pytest.mark.slow
 def test_lasso_and_trak_datamodels_side_by_side(tmp_path):
     """unlearn.datamodels [lasso, trak]: DM-Direct once per datamodel store, each its own store and label, each
     the original logits minus the sum of its own store's forget rows."""
