@@ -42,7 +42,7 @@ from tests.conftest import small_config
 REPO = Path(__file__).resolve().parents[2]
 TARGET_CHUNK = 16  # 128 targets: 8 LASSO target chunks
 METHODS = ("do_nothing", "dm_direct", "gradient_descent")
-PROGRESS = {"datamodels": "LASSO datamodels", "models": "full + oracle models", "unlearn": "unlearning"}
+PROGRESS = {"datamodels": "LASSO datamodels (lasso)", "models": "full + oracle models", "unlearn": "unlearning"}
 
 pytestmark = pytest.mark.ray
 
