@@ -222,26 +222,24 @@ def test_report_scores_doing_nothing_in_the_bench_convention(tmp_path):
     assert f"| do_nothing | {row} |" in text and "n/a (margins only)" in text
 
 
-def margin_datamodels(run_dir, seed=1):
-    """A complete datamodel store with margin weights (N, T), as the datamodels stage or an import writes it."""
-    from attribution.store import ArraySpec, open_or_create
-
-    w = np.random.default_rng(seed).normal(size=(N, N + NT)).astype(np.float32)
-    g = open_or_create(run_dir / "datamodels" / "lasso.zarr",
-                       {"margin_weights": ArraySpec((N, N + NT), "float32", (16, N + NT), float("nan")),
-                        "done": ArraySpec((1,), "bool", (1,), False)}, kind="datamodels", config={"test": 1})
-    g["margin_weights"][:] = w
-    g["done"][:] = True
-    return w
-
-
 def test_dm_direct_on_margins_is_scored_by_the_report(tmp_path):
+    """The CIFAR-10 preset on imported stores only: the bench's margins (`dmu import edub`) and the datamodels
+    release's fitted datamodels (`dmu import datamodels-weights`, {train,test}_{PCT}pct.pt as torch.save files)."""
+    import torch
+
     from pipelines.cli import main
 
     full, full_forget, oracles = write_bench(tmp_path / "src")
     run = tmp_path / "run"
-    edub.import_edub(tmp_path / "src", run)
-    w = margin_datamodels(run)
+    assert main(["import", "edub", str(tmp_path / "src"), "--run-dir", str(run)]) == 0
+    g = torch.Generator().manual_seed(1)
+    fits = {split: {"weight": torch.randn(N, t, generator=g), "bias": torch.randn(t, generator=g),
+                    "lam": torch.rand(t, generator=g)} for split, t in (("train", N), ("test", NT))}
+    (tmp_path / "release").mkdir()
+    for split, fit in fits.items():
+        torch.save(fit, tmp_path / "release" / f"{split}_50pct.pt")
+    assert main(["import", "datamodels-weights", str(tmp_path / "release"), "--run-dir", str(run)]) == 0
+    w = torch.cat([fits["train"]["weight"], fits["test"]["weight"]], dim=1).numpy()  # targets: train, then test
     assert main(["run", "pipelines/configs/cifar10_imported.yaml", "--run-dir", str(run)]) == 0
     store = open_store(run / "unlearned" / "forget_set_2" / "dm_direct.zarr", "unlearned")
     expected = (full - w[SETS[2]].astype(np.float64).sum(0)).astype(np.float32)
