@@ -238,6 +238,7 @@ def _check_against_lasso(scores, masks, logits):
     return weights, info
 
 
+@pytest.mark.slow
 def test_trak_on_cpu_end_to_end_agrees_with_lasso_datamodels(mnist1d_small, subset_models):
     x, y, xt, yt = mnist1d_small
     masks, logits, checkpoints = subset_models

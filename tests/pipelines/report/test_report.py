@@ -519,6 +519,7 @@ def test_grid_edges_name_choices_at_an_end_of_their_grid():
     assert grid_edges(grid, chosen) == {"scrub": {"lr": "highest"}, "gd": {"lr": "lowest"}, "om": {"lr": "highest"}}
 
 
+@pytest.mark.slow
 def test_diverged_models_are_left_out_and_named(run, tmp_path):
     """Unlearning that diverged (non-finite logits: gradient ascent past its budget) is scored over the models that
     did not diverge, and the report says how many did; a variant whose models all diverged is skipped, named."""

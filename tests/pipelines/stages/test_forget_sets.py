@@ -133,6 +133,7 @@ def test_reads_one_block_of_rows_at_a_time(tmp_path, block_rows, read_rows):
     np.testing.assert_array_equal(scores, principal_component_scores(stored, 600, 2, block_rows=block_rows))
 
 
+@pytest.mark.slow
 def test_peak_memory_is_the_formula_not_the_dense_matrix(tmp_path):
     """Traced peak (numpy's and zarr's allocations) while scoring a (3000, 3100) store in blocks of 256 rows:
     within the docstring's 8 (4 n l + N l + N) + 20 block n bytes (+10% for zarr's buffers, which depend on

@@ -18,6 +18,8 @@ from pipelines.stages import trak as trak_stage
 from pipelines.stages.datamodel_io import store_arrays
 from tests.conftest import small_config
 
+pytestmark = pytest.mark.slow  # 128 real subset models trained for the module
+
 N_TRAIN, N_TEST, C, CHUNK = 200, 50, 10, 64
 T = N_TRAIN + N_TEST
 STORED = ("weights", "margin_weights", "bias", "margin_bias", "lds", "margin_lds", "done")
