@@ -53,52 +53,61 @@ def block_size(request, monkeypatch):
     return request.param
 
 
-def test_fit_lasso_scalar_lambda_equals_sklearn(block_size):
+FORMS = pytest.mark.parametrize("form", ["gram", "masks"])
+
+
+@FORMS
+def test_fit_lasso_scalar_lambda_equals_sklearn(block_size, form):
     X, Y, _, _ = datamodel_problem(300, 60, 8, seed=0)
-    coef, intercept = fit_lasso(X, Y, 0.05, tol=1e-14)
+    coef, intercept = fit_lasso(X, Y, 0.05, tol=1e-14, form=form)
     assert coef.shape == (60, 8) and intercept.shape == (8,) and coef.dtype == np.float64
     assert_matches_sklearn(X, Y, coef, intercept, np.full(8, 0.05), coef_atol=1e-7)
     assert 0 < np.count_nonzero(coef) < coef.size  # the sparse regime, not all-zero weights
 
 
-def test_fit_lasso_per_target_lambda_equals_sklearn(block_size):
+@FORMS
+def test_fit_lasso_per_target_lambda_equals_sklearn(block_size, form):
     X, Y, _, rng = datamodel_problem(300, 60, 8, seed=1)
     lams = rng.uniform(0.003, 0.3, size=8)
-    coef, intercept = fit_lasso(X, Y, lams, tol=1e-14)
+    coef, intercept = fit_lasso(X, Y, lams, tol=1e-14, form=form)
     assert_matches_sklearn(X, Y, coef, intercept, lams, coef_atol=1e-7)
 
 
-def test_fit_lasso_warm_start_and_float32():
+@FORMS
+def test_fit_lasso_warm_start_and_float32(form):
     X, Y, _, _ = datamodel_problem(300, 60, 8, seed=2)
     lams = np.full(8, 0.02)
-    cold, _ = fit_lasso(X, Y, lams, tol=1e-14)
-    warm, warm_b = fit_lasso(X, Y, lams, coef_init=fit_lasso(X, Y, 0.1)[0], tol=1e-14)
+    cold, _ = fit_lasso(X, Y, lams, tol=1e-14, form=form)
+    warm, warm_b = fit_lasso(X, Y, lams, coef_init=fit_lasso(X, Y, 0.1, form=form)[0], tol=1e-14, form=form)
     np.testing.assert_allclose(warm, cold, atol=1e-8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # float32 must still certify tol = 1e-6 without running out of sweeps
-        coef32, b32 = fit_lasso(X, Y, lams, tol=1e-6, dtype="float32")
+        coef32, b32 = fit_lasso(X, Y, lams, tol=1e-6, dtype="float32", form=form)
     assert coef32.dtype == np.float32
     assert_matches_sklearn(X, Y, coef32, b32, lams, rel_gap=1e-6, coef_atol=1e-3)
 
 
-def test_fit_lasso_constant_columns_and_targets():
+@FORMS
+def test_fit_lasso_constant_columns_and_targets(form):
     X, Y, _, _ = datamodel_problem(200, 30, 3, seed=3)
     X[:, 4] = True  # a training point in every subset: no information, weight 0 as in scikit-learn
     X[:, 7] = False
     Y[:, 2] = 1.5  # a constant output: all weights 0, intercept = the constant
-    coef, intercept = fit_lasso(X, Y, 0.01, coef_init=np.ones((30, 3)), tol=1e-14)
+    coef, intercept = fit_lasso(X, Y, 0.01, coef_init=np.ones((30, 3)), tol=1e-14, form=form)
     assert np.all(coef[[4, 7]] == 0)
     assert np.all(coef[:, 2] == 0) and intercept[2] == pytest.approx(1.5)
     assert_matches_sklearn(X, Y[:, :2], coef[:, :2], intercept[:2], np.full(2, 0.01), coef_atol=1e-7)
 
 
+@FORMS
 @pytest.mark.parametrize("patience", [None, 2])
-def test_lasso_datamodels_equals_brute_force_path(block_size, patience):
+def test_lasso_datamodels_equals_brute_force_path(block_size, patience, form):
     X_all, Y_all, _, _ = datamodel_problem(400, 40, 6, seed=4)
     X, Y, X_val, Y_val = X_all[:300], Y_all[:300], X_all[300:], Y_all[300:]
     n_lambdas, ratio = 8, 1e-2
-    dm = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=ratio, patience=patience, tol=1e-14)
+    dm = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=ratio, patience=patience, tol=1e-14, form=form)
     dm.fit(X, Y, X_val, Y_val)
+    assert dm.form_ == form
 
     Xc = X - X.mean(0)
     lam_max = np.abs(Xc.T @ (Y - Y.mean(0))).max(0) / len(X)  # smallest λ with all-zero weights
