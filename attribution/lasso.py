@@ -29,6 +29,8 @@ GROUP_SIZE = 512  # coordinates per group of blocks, whose rows of the gradient 
 # Sweeps combined by one Anderson extrapolation (Bertrand & Massias 2021, "Anderson acceleration of coordinate
 # descent", AISTATS): a third to a half fewer sweeps at the dense, small-λ end of the path; 0 turns it off.
 ANDERSON_DEPTH = 5
+# Sum of |coefficients| of an extrapolation above which, in float32, its state is recomputed rather than combined.
+ANDERSON_FRESH = 10.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,6 +438,11 @@ def _anderson(form, history, W, S, c, yy, lam) -> None:
     for k in range(1, K):
         W_e.addcmul_(history[k + 1][0], a[:, k])
         S_e.addcmul_(history[k + 1][1], a[:, k])
+    # Coefficients of large magnitude amplify the rounding of the iterates' states (float32: drift of the state
+    # away from its W, which stalls the duality gap): there the extrapolated state is recomputed from W_e.
+    fresh = ((a.abs().sum(-1) > ANDERSON_FRESH) & (W.dtype != torch.float64)).nonzero()[:, 0]
+    if fresh.numel():
+        S_e.index_copy_(1, fresh, form.state(c.index_select(1, fresh), W_e.index_select(1, fresh)))
     primal, _ = form.objective(W, S, c, yy, lam, gap=False)
     primal_e, _ = form.objective(W_e, S_e, c, yy, lam, gap=False)
     better = primal_e < primal
