@@ -419,12 +419,12 @@ def _primal_and_gap(W, g, r2, ry, lam, gap: bool = True):
     return primal, primal - dual
 
 
-def _anderson(form, history, W, S, c, yy, lam) -> None:
+def _anderson(form, steps, W, S, c, yy, lam) -> None:
     """Replace (W, S) in place, per column, by the Anderson extrapolation of the last sweeps where it lowers
-    the objective (Bertrand & Massias 2021, Algorithm 1). The state S (g or R) is affine in w, so the
-    extrapolated state costs no product."""
-    # Residuals of the fixed-point map "one sweep".
-    U = [history[k + 1][0] - history[k][0] for k in range(len(history) - 1)]
+    the objective (Bertrand & Massias 2021, Algorithm 1). steps: the changes (ΔW, ΔS) of the last sweeps, oldest
+    first, the last ending at (W, S); only the changes are kept, so the iterates cost no extra copies. The state
+    S (g or R) is affine in w, so the extrapolated state costs no product."""
+    U = [d[0] for d in steps]  # residuals of the fixed-point map "one sweep"
     K = len(U)
     C = torch.empty(W.shape[1], K, K, dtype=torch.float64, device=W.device)
     for i in range(K):
@@ -434,10 +434,12 @@ def _anderson(form, history, W, S, c, yy, lam) -> None:
     C = C + ridge[:, None, None] * torch.eye(K, dtype=C.dtype, device=C.device)
     z = torch.linalg.solve(C, torch.ones(C.shape[:2], dtype=C.dtype, device=C.device))
     a = torch.nan_to_num(z / z.sum(-1, keepdim=True), nan=0.0).to(W.dtype)  # NaN: a column that did not move
-    W_e, S_e = history[1][0] * a[:, 0], history[1][1] * a[:, 0]
-    for k in range(1, K):
-        W_e.addcmul_(history[k + 1][0], a[:, k])
-        S_e.addcmul_(history[k + 1][1], a[:, k])
+    # Σ_k a_k·iterate_k with iterate_k = W − Σ_{i>k} ΔW_i and Σ_k a_k = 1: W − Σ_i (Σ_{k<i} a_k)·ΔW_i
+    below = torch.cumsum(a, dim=-1)
+    W_e, S_e = W.clone(), S.clone()
+    for i in range(1, K):
+        W_e.addcmul_(steps[i][0], below[:, i - 1], value=-1.0)
+        S_e.addcmul_(steps[i][1], below[:, i - 1], value=-1.0)
     # Coefficients of large magnitude amplify the rounding of the iterates' states (float32: drift of the state
     # away from its W, which stalls the duality gap): there the extrapolated state is recomputed from W_e.
     fresh = ((a.abs().sum(-1) > ANDERSON_FRESH) & (W.dtype != torch.float64)).nonzero()[:, 0]
@@ -463,6 +465,10 @@ def _solve(form, c, yy, lam, W_init, tol: float, max_iter: int, S_init=None):
     if bool(out[form.zero_columns].any()):
         out[form.zero_columns] = 0
         S_init = None
+    constant = yy <= 0  # a constant target: w = 0 at any λ, where its gap is exactly 0
+    if bool(out[:, constant].any()):
+        out[:, constant] = 0
+        S_init = None
     out_S = form.state(c, out) if S_init is None else S_init.clone()
     sweeps = torch.zeros(t, dtype=torch.long, device=c.device)
     gaps = torch.full((t,), float("inf"), dtype=torch.float64, device=c.device)
@@ -471,7 +477,7 @@ def _solve(form, c, yy, lam, W_init, tol: float, max_iter: int, S_init=None):
     W, S, thresh, lam_w = out.clone(), out_S.clone(), thresh_all, lam.to(form.dtype)
     # The running state accumulates rounding over the sweeps: in float32, confirm convergence on a fresh one.
     confirm = form.dtype != torch.float64
-    history = [(W.clone(), S.clone())] if ANDERSON_DEPTH else None
+    steps = [] if ANDERSON_DEPTH else None  # (ΔW, ΔS) of the sweeps since the last extrapolation
     for sweep in range(max_iter + 1):
         if sweep % form.check_every == 0 or sweep == max_iter:
             _, gap = form.objective(W, S, c, yy, lam)
@@ -494,15 +500,16 @@ def _solve(form, c, yy, lam, W_init, tol: float, max_iter: int, S_init=None):
                     break
                 W, S, c = W.index_select(1, keep), S.index_select(1, keep), c.index_select(1, keep)
                 cols, yy, lam, lam_w, thresh = cols[keep], yy[keep], lam[keep], lam_w[keep], thresh[keep]
-                if history is not None:
-                    history = [(h[0].index_select(1, keep), h[1].index_select(1, keep)) for h in history]
+                if steps is not None:
+                    steps = [(d[0].index_select(1, keep), d[1].index_select(1, keep)) for d in steps]
+        before = (W.clone(), S.clone()) if steps is not None else None
         form.sweep(W, S, lam_w)
         sweeps[cols] += 1
-        if history is not None:
-            history.append((W.clone(), S.clone()))
-            if len(history) == ANDERSON_DEPTH + 1:
-                _anderson(form, history, W, S, c, yy, lam)
-                history = [(W.clone(), S.clone())]
+        if steps is not None:
+            steps.append((before[0].sub_(W).neg_(), before[1].sub_(S).neg_()))  # in place: W − W_before
+            if len(steps) == ANDERSON_DEPTH:
+                _anderson(form, steps, W, S, c, yy, lam)
+                steps = []
     failed = int((gaps > thresh_all).sum())
     if failed:
         worst = float((gaps / yy_all.clamp(min=1e-300)).max())
