@@ -192,11 +192,13 @@ def test_fit_lasso_bad_coef_init():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_lasso_datamodels_on_cuda_equals_cpu():
+@FORMS
+def test_lasso_datamodels_on_cuda_equals_cpu(form):
     X_all, Y_all, _, _ = datamodel_problem(400, 100, 6, seed=8)
     X, Y, X_val, Y_val = X_all[:300], Y_all[:300], X_all[300:], Y_all[300:]
-    cpu = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12, device="cpu").fit(X, Y, X_val, Y_val)
-    gpu = LassoDatamodels(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12, device="cuda").fit(X, Y, X_val, Y_val)
+    settings = dict(n_lambdas=6, lambda_ratio=1e-2, tol=1e-12, form=form)
+    cpu = LassoDatamodels(**settings, device="cpu").fit(X, Y, X_val, Y_val)
+    gpu = LassoDatamodels(**settings, device="cuda").fit(X, Y, X_val, Y_val)
     np.testing.assert_array_equal(gpu.lambda_index_, cpu.lambda_index_)
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-6)
     np.testing.assert_allclose(gpu.intercept_, cpu.intercept_, atol=1e-6)
