@@ -186,17 +186,15 @@ class _Gram:
         self.device, self.dtype = device, dtype
         self.row_chunk = _chunk_rows(self.p)
         G = torch.zeros(self.p, self.p, dtype=dtype, device=device)  # the only p x p array
-        if sums:  # precomputed XᵀX of the parts' rows: centred in place, one block of rows at a time
+        if sums:  # precomputed XᵀX of the parts' rows, read by whole chunks of rows (a zarr array's own chunks)
             self.x_mean = torch.as_tensor(sum(np.asarray(s.x_sum, np.float64) for s in sums), device=device) / self.n
-            for start in range(0, self.p, self.row_chunk):
+            for s in sums:  # exact integer counts, also in float32 (below 2**24 rows)
+                rows = getattr(s.xtx, "chunks", (self.row_chunk,))[0]
+                for start in range(0, self.p, rows):
+                    G[start:start + rows] += torch.tensor(np.asarray(s.xtx[start:start + rows]), device=device)
+            for start in range(0, self.p, self.row_chunk):  # (XᵀX − n x̄x̄ᵀ)/n in float64, one rounding out
                 b = slice(start, min(start + self.row_chunk, self.p))
-                block = torch.zeros(b.stop - start, self.p, dtype=torch.float64, device=device)
-                for s in sums:  # exact counts in float32, summed in float64
-                    block += torch.as_tensor(np.asarray(s.xtx[b]), device=device)
-                # (XᵀX − n x̄x̄ᵀ)/n in float64: exact counts in, one rounding out
-                block.div_(self.n).addr_(self.x_mean[b], self.x_mean, alpha=-1.0)
-                G[b] = block
-                del block
+                G[b] = G[b].to(torch.float64).div_(self.n).addr_(self.x_mean[b], self.x_mean, alpha=-1.0)
         else:
             self.x_mean = self._column_sums(parts) / self.n  # float64: the intercept is computed from it
             for Xc in self._centred_rows():  # row chunks: the centred masks never exist in full
