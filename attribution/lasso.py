@@ -1,4 +1,5 @@
-"""Batched LASSO: linear datamodels for many targets at once (docs/methods.md §1).
+"""Batched LASSO: linear datamodels for many targets at once (docs/methods.md §1), solved on the masks themselves
+(masks form) or on their N x N Gram (Gram form), whichever `choose_form` picks from the shapes, by one solver.
 
 Data flow: subset masks (M, N) and the outputs of the subset models (M, T) from subsets.zarr ->
 `LassoDatamodels` -> datamodel weights (N, T), bias and lambda per target, which the datamodels stage writes
