@@ -88,7 +88,7 @@ class DatamodelsConfig:
     n_lambdas: int = 12
     lambda_ratio: float = 1e-3
     # targets per work unit (best a multiple of 128, the subsets store's chunk along targets); a LASSO unit holds
-    # about 64 * N * target_chunk * (C + 1) bytes of solver state besides the 4 * N^2 Gram (docs/design.md)
+    # about (100 N + 60 M) * target_chunk * (C + 1) bytes of solver state per LASSO unit (docs/design.md)
     target_chunk: int = 512
     # stored precision of the datamodel weights: float32 | float16 (fits run in float32 either way)
     weights_dtype: str = "float32"

@@ -6,17 +6,20 @@ out of their split (the others keep their roles) and every unit (Gram rows, LASS
 the same surviving rows (`SubsetSource.splits`). Targets are every class logit of every target (T x C
 regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin.
 
-LASSO in bounded memory: first the masks' Gram sums XᵀX of the fit and validation models, once per
-stage, in work units of GRAM_ROWS rows each written into the store (exact counts, so any split of the work gives
-the same bits); then one work unit per chunk of targets, which reads the masks, its own targets' logits (the
-subsets store is chunked along targets) and the shared Gram sums, fits, and writes its own target chunk of every
-array; the driver marks chunks done (resumable per chunk). Peak memory per stage: docs/design.md.
+LASSO in bounded memory, in the form `attribution.lasso.choose_form` picks from the stage's shapes (M = fit +
+validation models, N training points). Masks form (2·M < N, or an N x N Gram over its memory bound): one work unit
+per chunk of targets, which reads the masks and its own targets' logits (the subsets store is chunked along
+targets), fits on the masks, and writes its own target chunk of every array; no N x N array exists. Gram form: first
+the masks' Gram sums XᵀX of the fit and validation models, once per stage, in work units of GRAM_ROWS rows each
+written into the store (exact counts, so any split of the work gives the same bits); then the target-chunk units,
+which also read the shared Gram sums. The driver marks chunks done (resumable per chunk). Peak memory per stage:
+docs/design.md.
 
 Store (both methods, `datamodel_io.store_arrays`): `weights` (N, T, C) chunked along N (a forget request reads
 only its rows), `bias` (T, C), `lambda` (T, C), `val_mse` (T, C), `lds` (T, C), the same for margins
-(`margin_weights` (N, T), ...), `done` per target chunk; LASSO adds `xtx_fit`, `xtx_val` (N, N) float32,
-`x_sum_fit`, `x_sum_val` (N,), `gram_done`; attrs: model counts, solver settings, mean LDS, the LDS-vs-models curve,
-the dropped failed models (`dropped_rows`, `dropped_seeds`).
+(`margin_weights` (N, T), ...), `done` per target chunk; LASSO in Gram form adds `xtx_fit`, `xtx_val` (N, N)
+float32, `x_sum_fit`, `x_sum_val` (N,), `gram_done`; attrs: model counts, solver settings (with the form), mean
+LDS, the LDS-vs-models curve, the dropped failed models (`dropped_rows`, `dropped_seeds`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from attribution.lasso import LassoDatamodels, MaskGram
+from attribution.lasso import LassoDatamodels, MaskGram, choose_form
 from attribution.lds import lds
 from attribution.store import ArraySpec, location, open_group, open_or_create
 from pipelines.rundir.reuse import reuse_store
@@ -79,19 +82,19 @@ def stored_grams(group, splits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tu
 
 
 def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, n_lambdas: int,
-                    lambda_ratio: float) -> None:
+                    lambda_ratio: float, form: str) -> None:
     """Work unit: LASSO datamodels of targets t0..t1-1 (every class logit, and the margin) with LDS, written into
-    the store's target chunk t0..t1-1."""
+    the store's target chunk t0..t1-1; form 'gram' reads the store's Gram sums, 'masks' fits on the masks alone."""
     t0, t1 = unit
     fit, val, held = source.positions()
     group = open_group(store, mode="r+")
-    gram, gram_val = stored_grams(group, source.splits)
+    grams = dict(zip(("gram", "gram_val"), stored_grams(group, source.splits))) if form == "gram" else {}
     masks = source.masks(source.rows)
     logits, margin = source.outputs(source.rows, slice(t0, t1))
     y = np.concatenate([logits.reshape(len(logits), -1), margin], axis=1)
     del logits, margin
-    est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
-    est.fit(masks[fit], y[fit], masks[val], y[val], gram=gram, gram_val=gram_val)
+    est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32", form=form)
+    est.fit(masks[fit], y[fit], masks[val], y[val], **grams)
     scores = lds(est.coef_, est.intercept_, masks[held], y[held])
     k, c = t1 - t0, source.n_classes
     split_at = k * c
@@ -150,22 +153,28 @@ def run_lasso(ctx: RunContext, source: SubsetSource, *, fit_models: int | None =
         source = replace(source, splits=(source.splits[0][:fit_models], *source.splits[1:]))
     chunk = min(d.target_chunk, data.n_targets)
     path = ctx.run_dir / "datamodels" / f"{name}.zarr"
-    arrays = {**store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype),
-              **gram_arrays(data.n_train)}
+    form, reason = choose_form(len(source.splits[0]) + len(source.splits[1]), data.n_train)
+    log.info("LASSO datamodels (%s) in %s form: %s", name, form, reason)
+    arrays = store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype)
+    if form == "gram":
+        arrays.update(gram_arrays(data.n_train))
     group = open_or_create(path, arrays, kind=KIND, config=config,
                            attrs={**ctx.dataset_attrs(), "method": "lasso", "target_chunk": chunk,
                                   **dict(zip(("n_fit", "n_val", "n_lds"), map(len, source.splits))),
                                   **dropped_attrs(cfg, source),
                                   "solver": {"n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
-                                             "dtype": "float32", "refit_on": "fit + validation models"}})
+                                             "dtype": "float32", "refit_on": "fit + validation models",
+                                             "form": form}})
     check_dropped(group, path, source)
     store = location(path)
-    rows = group["xtx_fit"].chunks[0]
-    gram_done = np.asarray(group["gram_done"][:])
-    drive(ctx, gram_rows, target_units(data.n_train, rows, gram_done), {"source": source, "store": store},
-          lambda unit, _: group["gram_done"].__setitem__(unit[0] // rows, True), total=data.n_train,
-          desc="Gram of the masks", unit="row")
-    shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio}
+    if form == "gram":
+        rows = group["xtx_fit"].chunks[0]
+        gram_done = np.asarray(group["gram_done"][:])
+        drive(ctx, gram_rows, target_units(data.n_train, rows, gram_done), {"source": source, "store": store},
+              lambda unit, _: group["gram_done"].__setitem__(unit[0] // rows, True), total=data.n_train,
+              desc="Gram of the masks", unit="row")
+    shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
+              "form": form}
     drive(ctx, fit_lasso_chunk, target_units(data.n_targets, chunk, np.asarray(group["done"][:])), shared,
           lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=data.n_targets,
           desc=f"LASSO datamodels ({name})", unit="target")

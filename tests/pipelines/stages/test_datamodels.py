@@ -200,3 +200,30 @@ def test_subset_logits_are_scanned_for_finiteness_once(tmp_path, monkeypatch):
     group.attrs[datamodel_io.CHECKED_ATTR] = 0
     datamodel_io.open_subsets(ctx)
     assert len(scans) == 2
+
+
+def test_masks_form_stage_writes_no_gram_and_equals_the_gram_form(tmp_path, monkeypatch):
+    """120 models (56 fit + 32 validation) for 200 training points: 2·M < N, so the stage fits on the masks
+    (no N x N arrays in the store, no Gram units); forced into the Gram form, the same shapes give the same
+    datamodels to float32 tolerance."""
+    from pipelines.stages import datamodels as stage
+
+    config = DatamodelsConfig(n_val=32, n_lds=32, target_chunk=128, n_lambdas=6, lambda_ratio=0.05)
+    masks_ctx, *_ = planted_run(tmp_path / "masks", n_models=120, datamodels=config)
+    run_stages(masks_ctx, ["datamodels"])
+    monkeypatch.setattr(stage, "choose_form", lambda n_models, n_train: ("gram", "forced by the test"))
+    gram_ctx, *_ = planted_run(tmp_path / "gram", n_models=120, datamodels=config)
+    run_stages(gram_ctx, ["datamodels"])
+    a = zarr.open_group(str(masks_ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    b = zarr.open_group(str(gram_ctx.run_dir / "datamodels" / "lasso.zarr"), mode="r")
+    assert a.attrs["solver"]["form"] == "masks" and b.attrs["solver"]["form"] == "gram"
+    gram = {"xtx_fit", "xtx_val", "x_sum_fit", "x_sum_val", "gram_done"}
+    assert not gram & set(a.array_keys()) and gram <= set(b.array_keys())
+    assert a["done"][:].all()
+    np.testing.assert_array_equal(a["lambda"][:], b["lambda"][:])  # the same λ chosen for every target
+    for name in ("weights", "margin_weights", "bias", "margin_bias"):
+        # both solves stop at a duality gap of 1e-4·‖yc‖²/M in float32: weights agree to about 1e-2 at worst
+        np.testing.assert_allclose(a[name][:], b[name][:], atol=1.5e-2, err_msg=name)
+        if name.endswith("weights"):
+            assert np.mean(np.abs(a[name][:] - b[name][:]) <= 1e-3) > 0.999, name
+    assert np.abs(a["weights"][:]).max() > 0.5  # real effects, not all-zero weights
