@@ -9,10 +9,12 @@ import dataclasses
 import numpy as np
 import zarr
 
+from attribution import subsets as subsets_store
 from attribution.store import ArraySpec, open_or_create
-from pipelines.config import ForgetSetsConfig, ModelsConfig, UnlearnConfig
+from pipelines.config import DatamodelsConfig, ForgetSetsConfig, ModelsConfig, UnlearnConfig
 from pipelines.engine.executor import SerialExecutor
 from pipelines.stages import RunContext, run_stages
+from pipelines.stages.subsets import subsets_config
 from tests.conftest import small_config
 from unlearning import METHODS
 
@@ -91,3 +93,33 @@ class InterruptAfter(SerialExecutor):
             yield unit, result
             if self.n is not None and len(self.units) >= self.n:
                 raise KeyboardInterrupt
+
+
+# ---- the datamodels stage on a planted linear problem (no training needed)
+
+N_TRAIN, N_TEST, C = 200, 50, 10  # the planted run's training points, test points and classes
+
+
+def planted_run(tmp_path, *, n_models=160, kind="serial", datamodels=None, corrupt=None):
+    """A run whose subset logits are an exact sparse linear function of the masks plus noise."""
+    cfg = small_config(tmp_path, kind=kind, n_models=n_models, block=32)
+    cfg = dataclasses.replace(cfg, datamodels=datamodels or DatamodelsConfig(n_val=32, n_lds=32, target_chunk=64,
+                                                                            n_lambdas=8))
+    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
+    data = ctx.data
+    group = subsets_store.create_store(
+        ctx.run_dir / "subsets.zarr", n_models=n_models, n_train=N_TRAIN, n_targets=data.n_targets, n_classes=C,
+        alpha=0.5, seed=cfg.seed, block_size=32, keep_params=0, n_params=1, config=subsets_config(cfg),
+        attrs=ctx.dataset_attrs())
+    rng = np.random.default_rng(0)
+    weights = np.zeros((N_TRAIN, data.n_targets, C), np.float32)
+    for j in range(data.n_targets):  # each target output depends on 3 training points
+        weights[rng.choice(N_TRAIN, 3, replace=False), j, :] = rng.normal(0, 1, (3, C))
+    masks = group["masks"][:]
+    logits = np.einsum("mn,ntc->mtc", masks.astype(np.float32), weights) + rng.normal(0, 0.1, (n_models,
+                                                                                            data.n_targets, C))
+    if corrupt is not None:
+        corrupt(logits)
+    group["logits"][:] = logits.astype(np.float32)
+    group["done"][:] = True
+    return ctx, masks, logits, weights

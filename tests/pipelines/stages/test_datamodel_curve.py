@@ -16,7 +16,7 @@ from pipelines.report.markdown import build_report
 from pipelines.rundir import layout
 from pipelines.rundir.variants import curve_models, curve_sizes, variants
 from pipelines.stages import run_stages
-from tests.pipelines.stages.test_datamodels import planted_run
+from tests.pipelines.conftest import planted_run
 from tests.pipelines.conftest import K, run, stage_config, write_datamodels
 from unlearning.klom import klom, margins
 

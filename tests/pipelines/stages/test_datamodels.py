@@ -11,38 +11,11 @@ from attribution import subsets as subsets_store
 from attribution.store import StoreError
 from pipelines.config import ConfigError, DatamodelsConfig
 from pipelines.stages import RunContext, run_stages
-from pipelines.stages.subsets import subsets_config
 from tests.conftest import small_config
+from tests.pipelines.conftest import C, N_TEST, N_TRAIN, planted_run
 from unlearning.klom import margins
 
-N_TRAIN, N_TEST, C = 200, 50, 10
-
-
-def planted_run(tmp_path, *, n_models=160, kind="serial", datamodels=None, corrupt=None):
-    """A run whose subset logits are an exact sparse linear function of the masks plus noise."""
-    cfg = small_config(tmp_path, kind=kind, n_models=n_models, block=32)
-    cfg = dataclasses.replace(cfg, datamodels=datamodels or DatamodelsConfig(n_val=32, n_lds=32, target_chunk=64,
-                                                                            n_lambdas=8))
-    ctx = RunContext(cfg=cfg, run_dir=cfg.resolved_run_dir())
-    data = ctx.data
-    group = subsets_store.create_store(
-        ctx.run_dir / "subsets.zarr", n_models=n_models, n_train=N_TRAIN, n_targets=data.n_targets, n_classes=C,
-        alpha=0.5, seed=cfg.seed, block_size=32, keep_params=0, n_params=1, config=subsets_config(cfg),
-        attrs=ctx.dataset_attrs())
-    rng = np.random.default_rng(0)
-    weights = np.zeros((N_TRAIN, data.n_targets, C), np.float32)
-    for j in range(data.n_targets):  # each target output depends on 3 training points
-        weights[rng.choice(N_TRAIN, 3, replace=False), j, :] = rng.normal(0, 1, (3, C))
-    masks = group["masks"][:]
-    logits = np.einsum("mn,ntc->mtc", masks.astype(np.float32), weights) + rng.normal(0, 0.1, (n_models,
-                                                                                            data.n_targets, C))
-    if corrupt is not None:
-        corrupt(logits)
-    group["logits"][:] = logits.astype(np.float32)
-    group["done"][:] = True
-    return ctx, masks, logits, weights
-
-
+@pytest.mark.slow
 def test_lasso_stage_recovers_planted_weights_and_matches_sklearn(tmp_path):
     ctx, masks, logits, weights = planted_run(tmp_path)
     run_stages(ctx, ["datamodels"])
@@ -116,6 +89,7 @@ def test_mismatched_model_counts_refused(tmp_path):
         run_stages(ctx, ["datamodels"])
 
 
+@pytest.mark.slow
 def test_trak_stage_end_to_end_on_real_subset_models(tmp_path):
     """Real subset models -> LASSO and TRAK stores in one schema (TRAK in 2 target chunks, its scratch arrays
     gone once done); calibrated TRAK agrees in sign with LASSO."""
@@ -146,6 +120,7 @@ def test_trak_needs_kept_checkpoints(tmp_path):
         run_stages(ctx, ["datamodels"])
 
 
+@pytest.mark.slow
 def test_units_read_only_their_own_targets_and_weights_in_float16(tmp_path, monkeypatch):
     """Bounded memory: every read of subset logits by a work unit covers at most one target chunk (the whole
     (M, T, C) array is never read); float16 weights are the float32 fit rounded once."""

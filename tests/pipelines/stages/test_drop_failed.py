@@ -23,7 +23,7 @@ from pipelines.rundir.seeds import SUBSET_TRAIN_STREAM
 from pipelines.stages.datamodel_io import SubsetSource
 from pipelines.stages.subsets import subsets_config
 from tests.conftest import small_config
-from tests.pipelines.stages.test_datamodels import N_TRAIN, C, planted_run
+from tests.pipelines.conftest import C, N_TRAIN, planted_run
 
 # planted runs: 160 models in blocks of 32, fit rows 0..95, validation 96..127, LDS 128..159
 FAILED = [3, 40, 41, 100, 150]  # in the fit split (two across a block boundary), validation and LDS
