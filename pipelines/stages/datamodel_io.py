@@ -154,6 +154,10 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     or with datamodels.drop_failed left out of their split (`split`) and named in `SubsetSource.dropped`."""
     path = store_path(ctx.run_dir, "subsets.zarr")  # a reused run's where linked (pipelines.rundir.reuse)
     group = open_store(path, "subsets")
+    if group.attrs.get("margin_only"):
+        raise StoreError(f"{path} holds margins only (an import): the datamodels stage fits class logits; import "
+                         "the release's fitted datamodels instead (dmu import datamodels-weights, "
+                         "docs/public_stores.md)")
     if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
         raise StoreError(f"{path} holds models of another dataset ({group.attrs.get('dataset')}, fingerprint "
                          f"{group.attrs.get('dataset_fingerprint')}): use this config's own run directory")
