@@ -30,7 +30,9 @@ def as_image(x: np.ndarray) -> np.ndarray | None:
     return (x - x.min()) / max(float(x.max() - x.min()), 1e-12)  # normalised inputs (CIFAR-10) to [0, 1]
 
 
-def plot(run, target: int, idx: np.ndarray, weights: np.ndarray, output: str, path: Path) -> None:
+def plot(run, target: int, idx: np.ndarray, weights: np.ndarray, output: str, path: Path) -> dict:
+    """The bar chart of the weights above the target and its most influential points; returns what was drawn:
+    {"points": the bars' training indices, "weights": their heights}."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -40,7 +42,7 @@ def plot(run, target: int, idx: np.ndarray, weights: np.ndarray, output: str, pa
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
     grid = fig.add_gridspec(2, len(shown), height_ratios=[1.4, 1])
     bars = fig.add_subplot(grid[0, :])
-    bars.bar(range(len(idx)), weights, color=["tab:blue" if w > 0 else "tab:red" for w in weights])
+    drawn = bars.bar(range(len(idx)), weights, color=["tab:blue" if w > 0 else "tab:red" for w in weights])
     bars.set_xticks(range(len(idx)), [f"#{i}\ny={labels[i]}" for i in idx], fontsize=7)
     bars.axhline(0, color="black", lw=0.6)
     bars.set_ylabel(f"weight on the target's {output}")
@@ -60,6 +62,7 @@ def plot(run, target: int, idx: np.ndarray, weights: np.ndarray, output: str, pa
                     label="target" if j == target else f"#{j} (y={labels[j]})")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
+    return {"points": [int(i) for i in idx], "weights": [float(bar.get_height()) for bar in drawn]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,26 @@ def mean_spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def plot(predicted: np.ndarray, actual: np.ndarray, title: str, path: Path) -> np.ndarray:
+    """The scatter of actual against predicted effects with the diagonal; returns the drawn points (n, 2)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    points = ax.scatter(predicted.ravel(), actual.ravel(), s=4, alpha=0.3, edgecolor="none")
+    lo = float(min(predicted.min(), actual.min()))
+    hi = float(max(predicted.max(), actual.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="predicted = actual")
+    ax.set_xlabel("predicted effect on the margin (datamodel)")
+    ax.set_ylabel("actual effect (LDS model - mean full model)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return np.asarray(points.get_offsets())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory (local path or object-store URL)")
@@ -73,24 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stored margin LDS (mean over the same targets): {float(np.nanmean(stored)):.4f}")
     print(f"mean |predicted|: {np.abs(predicted).mean():.4f}  mean |actual|: {np.abs(actual).mean():.4f}")
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.scatter(predicted.ravel(), actual.ravel(), s=4, alpha=0.3, edgecolor="none")
-    lo = float(min(predicted.min(), actual.min()))
-    hi = float(max(predicted.max(), actual.max()))
-    ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="predicted = actual")
-    ax.set_xlabel("predicted effect on the margin (datamodel)")
-    ax.set_ylabel("actual effect (LDS model - mean full model)")
-    ax.set_title(f"{len(targets)} {args.targets} targets x {predicted.shape[0]} models: pearson {r:.2f}, "
-                 f"spearman {rho:.2f}", fontsize=9)
-    ax.legend(fontsize=8)
     out = Path(args.out) if args.out else (Path(str(run.run_dir)) if is_local(run.run_dir) else Path(".")) / \
         "predicted_vs_actual.png"
-    fig.savefig(out, dpi=100)
+    plot(predicted, actual, f"{len(targets)} {args.targets} targets x {predicted.shape[0]} models: pearson {r:.2f}, "
+         f"spearman {rho:.2f}", out)
     print(f"plot: {out}")
     return 0
 
