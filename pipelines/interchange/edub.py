@@ -33,6 +33,7 @@ import numpy as np
 from attribution.store import ArraySpec, open_or_create, open_store, read, write_text
 from pipelines.config import ConfigError, load_config, to_dict
 from pipelines.interchange.files import NpyRows
+from pipelines.interchange.stores import progress
 from pipelines.rundir.layout import MODELS_KIND, fingerprint, forget_sets_path, load_forget_sets, load_run_config
 from pipelines.tasks import get_task
 from unlearning.klom import margins as margins_of
@@ -243,6 +244,9 @@ def import_edub(source: str | Path, run_dir: str | Path, n_models: int | None = 
     first = next(iter(sets))
     full_dirs = margin_dirs(source, first)
     done = np.asarray(group["full/done"][:])
+    n_oracles = sum(scan["oracles"][fid] for fid in sets)
+    finished = int(done.sum()) + sum(int(np.asarray(group[f"oracle/{names[f]}/done"][:]).sum()) for f in sets)
+    bar = progress(k + n_oracles, finished, "importing bench models", "model")
     for start in range(0, k, b):
         stop = min(k, start + b)
         if done[start:stop].all():
@@ -255,6 +259,7 @@ def import_edub(source: str | Path, run_dir: str | Path, n_models: int | None = 
             group[f"full_forget/{names[fid]}/margins"][start:stop] = np.stack([_read(folder, m)
                                                                              for m in range(start, stop)])
         group["full/done"][start:stop] = True  # last: a block counts only once its rows are written
+        bar.update(stop - start - int(done[start:stop].sum()))
     for fid, idx in sets.items():
         dirs, maps = margin_dirs(source, fid), target_maps(idx, n_train, n_test)
         name, ko = names[fid], scan["oracles"][fid]
@@ -269,6 +274,8 @@ def import_edub(source: str | Path, run_dir: str | Path, n_models: int | None = 
                     rows[i, maps[s]] = _read(dirs[f"oracle/{s}"], m)
             group[f"oracle/{name}/margins"][start:stop] = rows
             group[f"oracle/{name}/done"][start:stop] = True
+            bar.update(stop - start - int(done[start:stop].sum()))
+    bar.close()
     if not (run_dir / "config.json").exists():  # `dmu report RUN` and the unlearn stage read the run's config
         write_text(run_dir / "config.json", json.dumps(imported_config(run_dir, k), indent=2))
     return run_dir / "models.zarr"

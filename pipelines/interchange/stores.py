@@ -21,6 +21,13 @@ DATAMODELS_KIND = "datamodels"
 TARGET_CHUNK = 512  # targets per chunk of an imported datamodel store (the datamodels stage's default)
 
 
+def progress(total: int, done: int, desc: str, unit: str):
+    """The progress bar of an import or export (items/s, ETA); `done` items were finished by an earlier run."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True)
+
+
 def write_subsets(run_dir: str | Path, *, n_models: int, n_train: int, outputs: tuple[tuple[int, ...], str],
                   read_block: Callable[[int, int], tuple[np.ndarray, np.ndarray]], config: dict, attrs: dict,
                   block_size: int, extra: dict[str, np.ndarray] | None = None) -> Path:
@@ -46,14 +53,16 @@ def write_subsets(run_dir: str | Path, *, n_models: int, n_train: int, outputs: 
                            attrs={"n_train": n_train, "n_targets": t, "margin_only": name == "margins",
                                   "block_size": block_size, **attrs}, initialise=initialise)
     done = np.asarray(group["done"][:])
-    for start in range(0, n_models, block_size):
-        stop = min(n_models, start + block_size)
-        if done[start:stop].all():
-            continue
-        masks, values = read_block(start, stop)
-        group["masks"][start:stop] = masks
-        group[name][start:stop] = values
-        group["done"][start:stop] = True  # last: a block counts only once its rows are written
+    with progress(n_models, int(done.sum()), "importing subset models", "model") as bar:
+        for start in range(0, n_models, block_size):
+            stop = min(n_models, start + block_size)
+            if done[start:stop].all():
+                continue
+            masks, values = read_block(start, stop)
+            group["masks"][start:stop] = masks
+            group[name][start:stop] = values
+            group["done"][start:stop] = True  # last: a block counts only once its rows are written
+            bar.update(stop - start - int(done[start:stop].sum()))
     return path
 
 
@@ -114,10 +123,13 @@ def write_margin_datamodels(run_dir: str | Path, name: str, *, n_train: int, n_t
                                   "imported_rows": 0, **attrs})
     weights = group["margin_weights"]
     rows = weights.chunks[0]  # the stage's ROW_CHUNK: whole chunks written
-    for start in range(int(group.attrs["imported_rows"]), n_train, rows):
-        stop = min(n_train, start + rows)
-        weights[start:stop] = read_rows(start, stop).astype(weights.dtype, copy=False)
-        group.attrs["imported_rows"] = stop  # after the rows: a rerun rewrites at most this block
+    first = int(group.attrs["imported_rows"])
+    with progress(n_train, first, f"importing datamodels/{name}", "training point") as bar:
+        for start in range(first, n_train, rows):
+            stop = min(n_train, start + rows)
+            weights[start:stop] = read_rows(start, stop).astype(weights.dtype, copy=False)
+            group.attrs["imported_rows"] = stop  # after the rows: a rerun rewrites at most this block
+            bar.update(stop - start)
     for key, values in per_target.items():
         group[key][:] = values
     group["done"][:] = True
