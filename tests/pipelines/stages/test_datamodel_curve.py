@@ -15,7 +15,7 @@ from pipelines.report.evaluate import POINT_SETS, datamodel_curve, validation_po
 from pipelines.report.markdown import build_report
 from pipelines.rundir import layout
 from pipelines.rundir.variants import curve_models, curve_sizes, variants
-from pipelines.stages import run_stages
+from pipelines.stages import RunContext, run_stages
 from tests.pipelines.conftest import planted_run
 from tests.pipelines.conftest import K, run, stage_config, write_datamodels
 from unlearning.klom import klom, margins
@@ -138,3 +138,11 @@ def test_curve_of_the_metrics_keeps_datamodel_methods_at_the_tuned_budget():
     assert curve["a"]["methods"] == {"dm_direct": [
         {"n_models": 16, "p99_avg": 3.0, "interval": None, "curve_store": True},
         {"n_models": 64, "p99_avg": 2.0, "interval": None, "curve_store": False}]}
+    # a later run that reuses this one links both stores (complete: a curve store has no LDS curve of its own)
+    from pipelines.rundir.reuse import read_links
+
+    later = RunContext(cfg=dataclasses.replace(cfg, run_dir=str(tmp_path / "later"), reuse=(str(ctx.run_dir),)),
+                       run_dir=tmp_path / "later")
+    run_stages(later, ["datamodels"])
+    assert set(read_links(later.run_dir)) >= {"datamodels/lasso.zarr", "datamodels/lasso_n48.zarr"}
+    assert not (later.run_dir / "datamodels").exists()
