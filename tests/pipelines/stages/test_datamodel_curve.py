@@ -78,6 +78,14 @@ def test_curve_store_is_lasso_on_the_first_n_fit_models(tmp_path):
         np.testing.assert_allclose(g["weights"][:, t, c], ref.coef_, atol=2e-3)
     # half the models recover the planted effects less well, on the same held-out LDS models
     assert g.attrs["lds_mean"] < full.attrs["lds_mean"]
+    # a later run that reuses this one links both stores (complete: a curve store has no LDS curve of its own)
+    from pipelines.rundir.reuse import read_links
+
+    later = RunContext(cfg=dataclasses.replace(cfg, run_dir=str(tmp_path / "later"), reuse=(str(ctx.run_dir),)),
+                       run_dir=tmp_path / "later")
+    run_stages(later, ["datamodels"])
+    assert set(read_links(later.run_dir)) >= {"datamodels/lasso.zarr", "datamodels/lasso_n48.zarr"}
+    assert not (later.run_dir / "datamodels").exists()
 
 
 def test_dm_direct_on_curve_stores_and_the_reports_curve(tmp_path):
@@ -138,11 +146,3 @@ def test_curve_of_the_metrics_keeps_datamodel_methods_at_the_tuned_budget():
     assert curve["a"]["methods"] == {"dm_direct": [
         {"n_models": 16, "p99_avg": 3.0, "interval": None, "curve_store": True},
         {"n_models": 64, "p99_avg": 2.0, "interval": None, "curve_store": False}]}
-    # a later run that reuses this one links both stores (complete: a curve store has no LDS curve of its own)
-    from pipelines.rundir.reuse import read_links
-
-    later = RunContext(cfg=dataclasses.replace(cfg, run_dir=str(tmp_path / "later"), reuse=(str(ctx.run_dir),)),
-                       run_dir=tmp_path / "later")
-    run_stages(later, ["datamodels"])
-    assert set(read_links(later.run_dir)) >= {"datamodels/lasso.zarr", "datamodels/lasso_n48.zarr"}
-    assert not (later.run_dir / "datamodels").exists()
