@@ -1,6 +1,6 @@
 """The dmu stores an import writes and an export reads, by blocks: subsets.zarr of M models (`write_subsets`,
-`subsets_blocks`) and the margin part of datamodels/<name>.zarr (`write_margin_datamodels`), with DM-Direct on such
-a margin-only datamodel store (`dm_direct_margins`). Resumable: blocks are marked done after their rows.
+`subsets_blocks`) and the margin part of datamodels/<name>.zarr (`write_margin_datamodels`). Resumable: blocks are
+marked done after their rows.
 """
 
 from __future__ import annotations
@@ -134,22 +134,3 @@ def write_margin_datamodels(run_dir: str | Path, name: str, *, n_train: int, n_t
         group[key][:] = values
     group["done"][:] = True
     return path
-
-
-def dm_direct_margins(store: str | Path, forget_idx: np.ndarray, original_margins: np.ndarray) -> np.ndarray:
-    """DM-Direct (unlearning.datamodel) on a margin-only datamodel store: the original model's margins (T,) minus
-    the summed margin weights of the forget points (read in blocks of the store's row chunk)."""
-    import torch
-
-    from unlearning.datamodel import datamodel_direct_logits
-
-    group = open_store(store, DATAMODELS_KIND)
-    if not np.asarray(group["done"][:]).all():
-        raise ConfigError(f"{store} is not complete: rerun the import or the datamodels stage")
-    weights = group["margin_weights"]
-    rows = np.unique(np.asarray(forget_idx, dtype=np.int64))
-    total = np.zeros(weights.shape[1], np.float64)
-    for i in range(0, len(rows), weights.chunks[0]):
-        total += read(weights, (rows[i:i + weights.chunks[0]], slice(None))).astype(np.float64).sum(0)
-    original = np.asarray(original_margins, np.float32)[:, None]
-    return datamodel_direct_logits(torch.from_numpy(original), torch.from_numpy(total[None, :, None]), 1).numpy()[:, 0]

@@ -218,6 +218,15 @@ def read_datamodel_rows(store: str, forget_idx: np.ndarray) -> np.ndarray:
     return read(weights, (np.sort(forget_idx), slice(None), slice(None)), store=store).astype(np.float32, copy=False)
 
 
+def dm_direct_margins(store: str, forget_idx: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """DM-Direct on margins (docs/methods.md §3): `margins` (..., T) minus the summed `margin_weights` rows of the
+    forget points (summed in float64; only those rows are read), as float32."""
+    weights = open_group(store)["margin_weights"]
+    rows = np.sort(np.asarray(forget_idx, dtype=np.int64))
+    delta = read(weights, (rows, slice(None)), store=store).astype(np.float64).sum(0)
+    return (np.asarray(margins, dtype=np.float64) - delta).astype(np.float32)
+
+
 def datamodel_rows(run_dir: str | Path, datamodel: str, forget_idx: np.ndarray, data: TaskData) -> np.ndarray:
     """The forget rows (|F|, T, C) of the datamodel weight store, checked against the task."""
     return read_datamodel_rows(datamodel_store(run_dir, datamodel, data), forget_idx)

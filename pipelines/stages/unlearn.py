@@ -43,6 +43,7 @@ from pipelines.rundir.layout import (
     fingerprint,
     load_forget_sets,
     load_tuned,
+    dm_direct_margins,
     margin_only_models,
     om_ready,
     om_targets,
@@ -235,7 +236,7 @@ def margin_datamodel_store(run_dir, datamodel: str, n_train: int, t: int) -> str
     path = store_path(run_dir, f"datamodels/{datamodel}.zarr")
     if not exists(path):
         raise ConfigError(f"no datamodel store at {path}: DM-Direct on a margin-only models.zarr reads its "
-                          "margin_weights; import one (dmu import datamodels-store) or fit it (the datamodels stage)")
+                          "margin_weights; import one (dmu import datamodels-weights) or fit it (the datamodels stage)")
     store = open_store(path, "datamodels")
     if "margin_weights" not in store:
         raise ConfigError(f"{path} has no margin_weights: DM-Direct on a margin-only models.zarr needs margin "
@@ -273,9 +274,7 @@ def run_on_margins(ctx: RunContext) -> None:
                 continue
             start = time.perf_counter()
             store = margin_datamodel_store(ctx.run_dir, v.datamodel, n_train, t)
-            weights = open_group(store)["margin_weights"]
-            delta = read(weights, (np.sort(idx), slice(None)), store=store).astype(np.float64).sum(0)
-            g["margins"][:] = (full - delta).astype(np.float32)
+            g["margins"][:] = dm_direct_margins(store, idx, full)
             g["seconds"][:] = (time.perf_counter() - start) / k
             g["example_passes"][:] = 0.0  # no passes beyond the datamodels' one-off fit (docs/methods.md §3)
             g["done"][:] = True

@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from attribution.store import open_group, open_store
+from attribution.store import location, open_group, open_store
 from pipelines.config import ConfigError
 from pipelines.interchange import datamodels as dm
 from pipelines.interchange import datamodels_store as dms
 from pipelines.interchange import files, stores, trak_scores
+from pipelines.rundir.layout import dm_direct_margins
 
 M, N, T = 10, 12, 7
 
@@ -240,7 +241,7 @@ def test_dm_direct_on_imported_release_datamodels_is_bias_plus_the_kept_weights(
     forget = np.array([3, 77, 150, 299])
     original = bias + w.sum(0)  # the datamodel's prediction for the model trained on every point
     kept = np.setdiff1d(np.arange(300), forget)
-    np.testing.assert_allclose(stores.dm_direct_margins(path, forget, original), bias + w[kept].sum(0),
+    np.testing.assert_allclose(dm_direct_margins(location(path), forget, original), bias + w[kept].sum(0),
                                rtol=1e-4, atol=1e-3)
 
 
