@@ -151,7 +151,8 @@ def scan_source(source: Path, n_models: int | None) -> dict:
     files = forget_set_files(source)
     first = next(iter(files))
     full_dirs = margin_dirs(source, first)
-    n_train = NpyRows(_first_file(full_dirs["pretrain/retain"]), HINT).shape[0]
+    first_retain = NpyRows(_first_file(full_dirs["pretrain/retain"]), HINT)  # sets N and the margins' dtype
+    n_train = first_retain.shape[0]
     n_test = NpyRows(_first_file(full_dirs["pretrain/val"]), HINT).shape[0]
     sets, oracles = {}, {}
     pretrain = {"retain": full_dirs["pretrain/retain"], "val": full_dirs["pretrain/val"]}
@@ -177,7 +178,7 @@ def scan_source(source: Path, n_models: int | None) -> dict:
                 raise ConfigError(f"--n-models {n_models}: the source holds {have} {kind} models; import at most "
                                   f"{have}")
         k, oracles = n_models, {f: n_models for f in oracles}
-    dtype = NpyRows(_first_file(full_dirs["pretrain/retain"]), HINT).dtype
+    dtype = first_retain.dtype
     for m in range(k):
         check_file(pretrain["retain"] / model_file(m), n_train, dtype, "the training set (pretrain retain)")
         check_file(pretrain["val"] / model_file(m), n_test, dtype, "the test set (pretrain val)")
