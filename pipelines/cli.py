@@ -145,7 +145,7 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
     None where it cannot be derived (no forget sets yet, an unknown kind)."""
     from pipelines.rundir.layout import load_forget_sets, load_tuned
     from pipelines.rundir.variants import variants
-    from pipelines.stages.datamodel_io import datamodels_config
+    from pipelines.stages.datamodel_io import datamodels_config, imported_margins
     from pipelines.stages.models import models_config
     from pipelines.stages.subsets import subsets_config
     from pipelines.stages.unlearn import unlearned_config
@@ -154,7 +154,7 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
         if kind == "subsets":
             return subsets_config(cfg)
         if kind == "datamodels":
-            return datamodels_config(cfg, store.name.removesuffix(".zarr"))
+            return datamodels_config(cfg, store.name.removesuffix(".zarr"), imported_margins(run_dir))
         if kind == "models":
             return models_config(cfg, load_forget_sets(run_dir), load_forget_sets(run_dir, "tuning"))
         if kind == "unlearned":
@@ -207,7 +207,11 @@ def verify_run(path) -> None:
                 except StoreError as exc:  # a corrupt masks chunk: verify_store has named it already
                     if str(exc) not in found:
                         found.append(str(exc))
-            expected = expected_store_config(run_dir, store, kind, cfg) if cfg is not None else None
+            # an imported store records its source, not the run's config
+            imported = group.attrs.get("imported")
+            expected = expected_store_config(run_dir, store, kind, cfg) if cfg is not None and not imported else None
+            if expected is not None and kind == "unlearned" and group.attrs.get("margin_only"):
+                expected = {**expected, "margin_only": True}  # DM-Direct on imported margins (unlearn stage)
             expected = normalise_config(expected) if expected is not None else None
             if expected is not None and config_hash(expected) != group.attrs.get("config_hash"):
                 keys = "; ".join(diff_keys(group.attrs.get("config", {}), expected)) or "its hash"

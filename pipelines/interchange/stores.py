@@ -102,12 +102,12 @@ def subsets_blocks(run_dir: str | Path, labels: np.ndarray | None = None
 
 
 def margin_arrays(n_train: int, n_targets: int) -> dict[str, ArraySpec]:
-    """The margin part of the datamodels stage's schema (`store_arrays`): margin_weights (N, T) in chunks of
-    (256 rows, TARGET_CHUNK), margin_bias / margin_lambda / margin_val_mse / margin_lds (T,), done per chunk."""
+    """The margin-only form of the datamodels stage's schema (`store_arrays` with no classes): margin_weights
+    (N, T) in chunks of (256 rows, TARGET_CHUNK), margin_bias / margin_lambda / margin_val_mse / margin_lds (T,),
+    done per chunk."""
     from pipelines.stages.datamodel_io import store_arrays
 
-    arrays = store_arrays(n_train, n_targets, 1, min(TARGET_CHUNK, n_targets))
-    return {name: spec for name, spec in arrays.items() if name.startswith("margin_") or name == "done"}
+    return store_arrays(n_train, n_targets, 0, min(TARGET_CHUNK, n_targets))
 
 
 def write_margin_datamodels(run_dir: str | Path, name: str, *, n_train: int, n_targets: int,

@@ -197,6 +197,10 @@ def datamodel_store(run_dir: str | Path, datamodel: str, data: TaskData) -> str:
     """The location of the datamodel weight store, checked against the task (complete, same N, T, C, dataset)."""
     path = store_path(run_dir, f"datamodels/{datamodel}.zarr")  # a reused run's where linked (pipelines.rundir.reuse)
     store = open_store(path, "datamodels")
+    if "weights" not in store:
+        raise StoreError(f"datamodel store {datamodel}.zarr holds margin datamodels only (fit on imported margins, "
+                         "or imported weights): DM-Direct and DM-Matching on this run's models need class-logit "
+                         "datamodels; fit LASSO on subset models with logits (the subsets stage) in this run")
     weights = store["weights"]
     if tuple(weights.shape) != (data.n_train, data.n_targets, data.num_classes):
         raise StoreError(f"datamodel store {datamodel}.zarr has weights {tuple(weights.shape)} but the task has "

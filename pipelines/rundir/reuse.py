@@ -159,7 +159,7 @@ def _mismatch(path: UPath, config: dict, ctx: RunContext) -> str | None:
                 return f"not complete ({name}: {int(done.sum())}/{done.size})"
     if attrs.get("kind") == "datamodels":  # the stage writes its LDS summary (and curve) last
         curve = ctx.cfg.datamodels.lds_curve and "fit_models" not in config  # a curve store has no curve itself
-        if "lds_mean" not in attrs or (curve and "lds_curve" not in attrs):
+        if "lds_margin_mean" not in attrs or (curve and "lds_curve" not in attrs):
             return "not complete (no LDS summary)"
     return None
 

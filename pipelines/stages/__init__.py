@@ -34,6 +34,7 @@ def run_stages(ctx: RunContext, stages: tuple[str, ...] | list[str]) -> None:
     validate(ctx.cfg, stages)
     make_dirs(ctx.run_dir)  # an object store: checks that its bucket answers (one clear error if not)
     unlearn.check_margin_only(ctx, stages)  # a margin-only models.zarr (dmu import edub): what it cannot serve
+    datamodels.check_imported(ctx, stages)  # an imported margin-only subsets.zarr: LASSO on margins only
     if ctx.cfg.reuse and set(stages) - {"report"}:  # the runs whose stores this one may read (rundir.reuse)
         check_sources(ctx.run_dir, ctx.cfg.reuse)
     # the run's config, for `dmu unlearn` / `dmu report` (each store also keeps the part it depends on)

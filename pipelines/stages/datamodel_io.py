@@ -5,6 +5,10 @@ then hands work units only the slices they ask for (masks by model rows; logits 
 targets), so no process holds the (M, T, C) logits. They write one store schema, datamodels/<method>.zarr
 (`store_arrays`), whose target chunks are owned by one work unit each.
 
+An imported subsets.zarr (`dmu import datamodels-release` or `datamodels-store`) may hold margins only: LASSO then
+fits the margins alone into a margin-only datamodel store (`margin_*` arrays, attr `margin_only`), which is what
+DM-Direct on margins reads; the store is checked against its own attrs, since the run's task data may be absent.
+
 Failed subset models are refused, or with `datamodels.drop_failed` left out: the fit / validation / LDS splits
 (`split`) are then index arrays over the surviving rows (read one block of stored rows at a time), the stores'
 config holds `drop_failed: true` and their attrs `dropped_rows` and `dropped_seeds` (`dropped_attrs`).
@@ -23,6 +27,7 @@ from attribution.store import (
     ArraySpec,
     StoreError,
     as_path,
+    exists,
     location,
     normalise_config,
     open_group,
@@ -62,9 +67,10 @@ class SubsetSource:
     n_train: int
     n_targets: int
     n_classes: int
-    labels: np.ndarray  # (T,) the targets' labels, for margins
+    labels: np.ndarray | None  # (T,) the targets' labels, for margins (None: margins stored)
     splits: tuple[np.ndarray, np.ndarray, np.ndarray]  # fit, validation, LDS model rows (`split`)
     dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # failed rows left out
+    margin_only: bool = False  # an imported store of margins (M, T), no logits; n_classes is then 0
     _group: zarr.Group | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -130,6 +136,12 @@ class SubsetSource:
         logits = self.logits(rows, targets)
         return logits, margins(logits, self.labels[targets]).astype(np.float32)
 
+    def margins(self, rows: Rows, targets: slice) -> np.ndarray:
+        """Margins (m, t) float32 of the models in `rows` on `targets`: stored (margin-only), else of the logits."""
+        if self.margin_only:
+            return np.asarray(self._read("margins", rows, (targets,)), dtype=np.float32)
+        return self.outputs(rows, targets)[1]
+
 
 def check_finite(logits: zarr.Array, path, failed: np.ndarray) -> None:
     """Refuse subset logits with a non-finite value outside the failed rows, reading one block of models x
@@ -148,16 +160,14 @@ def check_finite(logits: zarr.Array, path, failed: np.ndarray) -> None:
 
 def open_subsets(ctx: RunContext) -> SubsetSource:
     """subsets.zarr of this run, checked against its task and config, complete and finite (read in blocks of
-    models, so the check holds one block's logits at a time).
+    models, so the check holds one block's logits at a time); an imported margin-only store against its own attrs.
 
     Failed models (diverged: `failed` set, not done) are refused (a rerun of the subsets stage retrains them),
     or with datamodels.drop_failed left out of their split (`split`) and named in `SubsetSource.dropped`."""
     path = store_path(ctx.run_dir, "subsets.zarr")  # a reused run's where linked (pipelines.rundir.reuse)
     group = open_store(path, "subsets")
     if group.attrs.get("margin_only"):
-        raise StoreError(f"{path} holds margins only (an import): the datamodels stage fits class logits; import "
-                         "the release's fitted datamodels instead (dmu import datamodels-weights, "
-                         "docs/public_stores.md)")
+        return _open_imported_margins(ctx, group, path)
     if group.attrs.get("dataset_fingerprint") != ctx.data.fingerprint():
         raise StoreError(f"{path} holds models of another dataset ({group.attrs.get('dataset')}, fingerprint "
                          f"{group.attrs.get('dataset_fingerprint')}): use this config's own run directory")
@@ -180,10 +190,7 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
     if masks.shape[0] != logits.shape[0]:
         raise StoreError(f"subsets.zarr has {masks.shape[0]} masks but {logits.shape[0]} rows of logits: the store "
                          "is damaged; recompute it in a new run directory")
-    if group.attrs.get(CHECKED_ATTR) != int(done.sum()):
-        check_finite(logits, path, failed)
-        if path == as_path(ctx.run_dir) / "subsets.zarr":  # a reused run's store stays read-only
-            open_group(path, mode="r+").attrs[CHECKED_ATTR] = int(done.sum())
+    _check_finite_once(ctx, group, path, logits, failed, int(done.sum()))
     splits = split(logits.shape[0], d.n_val, d.n_lds, failed)
     if len(failed):
         log.warning("datamodels.drop_failed: dropping %d failed subset models (rows %s); fitting on %d, "
@@ -193,14 +200,68 @@ def open_subsets(ctx: RunContext) -> SubsetSource:
                         splits=splits, dropped=failed.astype(np.int64))
 
 
-def datamodels_config(cfg: RunConfig, method: str) -> dict:
+def _check_finite_once(ctx: RunContext, group: zarr.Group, path, outputs: zarr.Array, failed: np.ndarray,
+                       n_done: int) -> None:
+    """`check_finite` unless the store records that its `n_done` models were checked (recorded in this run's own
+    store; a reused run's store stays read-only)."""
+    if group.attrs.get(CHECKED_ATTR) != n_done:
+        check_finite(outputs, path, failed)
+        if path == as_path(ctx.run_dir) / "subsets.zarr":
+            open_group(path, mode="r+").attrs[CHECKED_ATTR] = n_done
+
+
+def _open_imported_margins(ctx: RunContext, group: zarr.Group, path) -> SubsetSource:
+    """A margin-only subsets.zarr written by an import (`masks` (M, N), `margins` (M, T), `done`): complete and
+    finite; no task data is read (the targets are the store's: its N training points, then its test points)."""
+    done = np.asarray(read(group["done"], store=path), dtype=bool)
+    if not done.all():
+        raise StoreError(f"{path} has {int(done.sum())}/{done.size} imported models: finish the import first "
+                         "(the same dmu import command resumes it)")
+    masks, stored = group["masks"], group["margins"]
+    if masks.shape[0] != stored.shape[0] or stored.shape[1] != group.attrs.get("n_targets"):
+        raise StoreError(f"{path} has masks {masks.shape} but margins {stored.shape}: the store is damaged; "
+                         "import it again into a new run directory")
+    _check_finite_once(ctx, group, path, stored, np.zeros(0, np.int64), int(done.sum()))
+    d = ctx.cfg.datamodels
+    if masks.shape[0] - d.n_val - d.n_lds < 2:
+        raise StoreError(f"{path} holds {masks.shape[0]} imported models, too few for datamodels.n_val = {d.n_val} "
+                         f"and n_lds = {d.n_lds} held out and two to fit: hold out fewer")
+    return SubsetSource(path=location(path), n_models=masks.shape[0], n_train=masks.shape[1],
+                        n_targets=stored.shape[1], n_classes=0, labels=None,
+                        splits=split(masks.shape[0], d.n_val, d.n_lds), margin_only=True)
+
+
+def imported_margins(run_dir) -> dict | None:
+    """The config of the run's subsets.zarr where it is an imported margin-only store (what a datamodel store fit
+    on it records in place of the subsets stage's config), else None."""
+    path = store_path(run_dir, "subsets.zarr")
+    if not exists(path):
+        return None
+    attrs = open_store(path, "subsets").attrs
+    return {"imported": attrs.get("config")} if attrs.get("margin_only") else None
+
+
+def source_attrs(ctx: RunContext, source: SubsetSource) -> dict:
+    """The dataset attrs of a datamodel store fit on `source`: the task's (`RunContext.dataset_attrs`), or for an
+    imported margin-only store its own shapes (the task's data is not read)."""
+    if not source.margin_only:
+        return ctx.dataset_attrs()
+    n, t = source.n_train, source.n_targets
+    return {"dataset": ctx.cfg.task.name, "n_train": n, "n_targets": t, "margin_only": True,
+            "targets": {"train": [0, n], "test": [n, t]}}
+
+
+def datamodels_config(cfg: RunConfig, method: str, subsets: dict | None = None) -> dict:
+    """What defines a datamodel store of `method`: its settings and the subset models' (`subsets`: an imported
+    store's, `imported_margins`; default the subsets stage's config)."""
     d = cfg.datamodels
     keys = {"lasso": ("n_val", "n_lds", "n_lambdas", "lambda_ratio", "target_chunk", "weights_dtype"),
             "trak": ("n_val", "n_lds", "trak_checkpoints", "trak_proj_dim", "trak_lambda_reg", "target_chunk",
                      "weights_dtype")}
     # drop_failed only when set: a store fit on every model keeps the config (and hash) it had before the key
     drop = {"drop_failed": True} if d.drop_failed else {}
-    return {"subsets": subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]}, **drop}
+    return {"subsets": subsets or subsets_config(cfg), "method": method, **{k: to_dict(d)[k] for k in keys[method]},
+            **drop}
 
 
 def dropped_attrs(cfg: RunConfig, source: SubsetSource) -> dict:
@@ -227,7 +288,8 @@ def store_arrays(n_train: int, n_targets: int, n_classes: int, target_chunk: int
                  weights_dtype: str = "float32") -> dict[str, ArraySpec]:
     """The datamodel store: `weights` (N, T, C) and `margin_weights` (N, T) chunked (256 rows, target_chunk), so
     a forget request reads only its rows and each target-chunk work unit writes only its own chunks; per-target
-    `bias`, `lambda`, `val_mse`, `lds` (and `margin_` ones); `done` per target chunk."""
+    `bias`, `lambda`, `val_mse`, `lds` (and `margin_` ones); `done` per target chunk. n_classes 0: the margin
+    part and `done` only (a margin-only store)."""
     rows = min(ROW_CHUNK, n_train)
     nan = float("nan")
     per_target = {name: ArraySpec((n_targets, n_classes), "float32", (target_chunk, n_classes), nan)
@@ -235,10 +297,12 @@ def store_arrays(n_train: int, n_targets: int, n_classes: int, target_chunk: int
     per_margin = {f"margin_{name}": ArraySpec((n_targets,), "float32", (target_chunk,), nan)
                   for name in ("bias", "lambda", "val_mse", "lds")}
     n_units = -(-n_targets // target_chunk)
+    margin_part = {"margin_weights": ArraySpec((n_train, n_targets), weights_dtype, (rows, target_chunk), nan),
+                   **per_margin, "done": ArraySpec((n_units,), "bool", (1,), False)}
+    if n_classes == 0:
+        return margin_part
     return {"weights": ArraySpec((n_train, n_targets, n_classes), weights_dtype, (rows, target_chunk, n_classes),
-                                 nan),
-            "margin_weights": ArraySpec((n_train, n_targets), weights_dtype, (rows, target_chunk), nan),
-            **per_target, **per_margin, "done": ArraySpec((n_units,), "bool", (1,), False)}
+                                 nan), **per_target, **margin_part}
 
 
 def target_units(n_targets: int, chunk: int, done: np.ndarray) -> list[tuple[int, int]]:
@@ -247,8 +311,9 @@ def target_units(n_targets: int, chunk: int, done: np.ndarray) -> list[tuple[int
 
 
 def write_targets(group: zarr.Group, t0: int, t1: int, result: dict) -> None:
-    """A work unit writes its own target chunk of every array (the driver then marks it done)."""
-    group["weights"][:, t0:t1, :] = result["weights"].astype(group["weights"].dtype)
+    """A work unit writes its own target chunk of every array in `result` (the driver then marks it done)."""
+    if "weights" in result:
+        group["weights"][:, t0:t1, :] = result["weights"].astype(group["weights"].dtype)
     group["margin_weights"][:, t0:t1] = result["margin_weights"].astype(group["margin_weights"].dtype)
     for name in ("bias", "lambda", "val_mse", "lds"):
         for prefix in ("", "margin_"):
@@ -258,14 +323,23 @@ def write_targets(group: zarr.Group, t0: int, t1: int, result: dict) -> None:
 
 def lds_summary(group: zarr.Group, n_train: int) -> dict:
     """Mean LDS over targets (NaN for constant targets skipped): over all targets, and apart on test targets (what
-    the literature reports) and training targets (where a point's own presence in a subset dominates its output)."""
+    the literature reports) and training targets (where a point's own presence in a subset dominates its output);
+    the logits' only where the store has them."""
     def mean(a: np.ndarray) -> float:
         return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
-    logit_lds, margin_lds = np.asarray(group["lds"][:]), np.asarray(group["margin_lds"][:])
-    return {"lds_mean": mean(logit_lds), "lds_margin_mean": mean(margin_lds),
-            "lds_test_mean": mean(logit_lds[n_train:]), "lds_margin_test_mean": mean(margin_lds[n_train:]),
-            "lds_margin_train_mean": mean(margin_lds[:n_train])}
+    margin_lds = np.asarray(group["margin_lds"][:])
+    summary = {"lds_margin_mean": mean(margin_lds), "lds_margin_test_mean": mean(margin_lds[n_train:]),
+               "lds_margin_train_mean": mean(margin_lds[:n_train])}
+    if "lds" in group:
+        logit_lds = np.asarray(group["lds"][:])
+        summary.update(lds_mean=mean(logit_lds), lds_test_mean=mean(logit_lds[n_train:]))
+    return summary
+
+
+def log_lds(name: str, group: zarr.Group) -> None:
+    logits = f"{group.attrs['lds_mean']:.3f} (logits), " if "lds_mean" in group.attrs else ""
+    log.info("%s datamodels: mean LDS %s%.3f (margins)", name, logits, group.attrs["lds_margin_mean"])
 
 
 CURVE_TARGETS = 100  # test-target margins the LDS-vs-models curve averages over

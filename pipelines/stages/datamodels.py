@@ -4,7 +4,9 @@ The subset models are split by index: the first M - n_val - n_lds fit the datamo
 target, the last n_lds (never used for fitting) measure LDS; with `datamodels.drop_failed`, failed models are left
 out of their split (the others keep their roles) and every unit (Gram rows, LASSO chunks, the LDS curve, TRAK) uses
 the same surviving rows (`SubsetSource.splits`). Targets are every class logit of every target (T x C
-regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin.
+regressions, what DM-Direct and DMM consume) and, for comparison with the literature, the margin. On an imported
+margin-only subsets.zarr (`datamodel_io`), LASSO fits the margins alone into a margin-only store (TRAK, which needs
+the models' parameters, is refused).
 
 LASSO in bounded memory, in the form `attribution.lasso.choose_form` picks from the stage's shapes (M = fit +
 validation models, N training points). Masks form (2·M < N, or an N x N Gram over its memory bound): one work unit
@@ -33,6 +35,7 @@ import numpy as np
 from attribution.lasso import LassoDatamodels, MaskGram, choose_form
 from attribution.lds import lds
 from attribution.store import ArraySpec, location, open_group, open_or_create
+from pipelines.config import ConfigError
 from pipelines.rundir.reuse import reuse_store
 from pipelines.rundir.variants import curve_sizes, curve_store
 from pipelines.stages.context import RunContext, drive
@@ -43,8 +46,11 @@ from pipelines.stages.datamodel_io import (
     check_dropped,
     datamodels_config,
     dropped_attrs,
+    imported_margins,
     lds_summary,
+    log_lds,
     open_subsets,
+    source_attrs,
     store_arrays,
     target_units,
     write_targets,
@@ -81,6 +87,15 @@ def stored_grams(group, splits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tu
                  for name, rows in zip(("fit", "val"), splits[:2]))
 
 
+def regression_targets(source: SubsetSource, rows: np.ndarray, targets: slice) -> tuple[np.ndarray, int]:
+    """What LASSO regresses for `targets`: (m, t·C + t) every class logit, then the margins, and t·C, where the
+    margins begin (0 on a margin-only store: the margins alone)."""
+    if source.margin_only:
+        return source.margins(rows, targets), 0
+    logits, margin = source.outputs(rows, targets)
+    return np.concatenate([logits.reshape(len(logits), -1), margin], axis=1), logits[0].size
+
+
 def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, n_lambdas: int,
                     lambda_ratio: float, form: str) -> None:
     """Work unit: LASSO datamodels of targets t0..t1-1 (every class logit, and the margin) with LDS, written into
@@ -90,24 +105,23 @@ def fit_lasso_chunk(unit: tuple[int, int], *, source: SubsetSource, store: str, 
     group = open_group(store, mode="r+")
     grams = dict(zip(("gram", "gram_val"), stored_grams(group, source.splits))) if form == "gram" else {}
     masks = source.masks(source.rows)
-    logits, margin = source.outputs(source.rows, slice(t0, t1))
-    y = np.concatenate([logits.reshape(len(logits), -1), margin], axis=1)
-    del logits, margin
+    y, split_at = regression_targets(source, source.rows, slice(t0, t1))
     est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32", form=form)
     est.fit(masks[fit], y[fit], masks[val], y[val], **grams)
     scores = lds(est.coef_, est.intercept_, masks[held], y[held])
-    k, c = t1 - t0, source.n_classes
-    split_at = k * c
+    result = {"margin_weights": est.coef_[:, split_at:], "margin_bias": est.intercept_[split_at:],
+              "margin_lambda": est.lambda_[split_at:], "margin_val_mse": est.val_mse_[split_at:],
+              "margin_lds": scores[split_at:]}
+    if split_at:
+        k, c = t1 - t0, source.n_classes
 
-    def logit_part(a: np.ndarray) -> np.ndarray:
-        return a[..., :split_at].reshape(*a.shape[:-1], k, c)
+        def logit_part(a: np.ndarray) -> np.ndarray:
+            return a[..., :split_at].reshape(*a.shape[:-1], k, c)
 
-    write_targets(group, t0, t1, {
-        "weights": logit_part(est.coef_), "bias": logit_part(est.intercept_), "lambda": logit_part(est.lambda_),
-        "val_mse": logit_part(est.val_mse_), "lds": logit_part(scores),
-        "margin_weights": est.coef_[:, split_at:], "margin_bias": est.intercept_[split_at:],
-        "margin_lambda": est.lambda_[split_at:], "margin_val_mse": est.val_mse_[split_at:],
-        "margin_lds": scores[split_at:]})
+        result.update({"weights": logit_part(est.coef_), "bias": logit_part(est.intercept_),
+                       "lambda": logit_part(est.lambda_), "val_mse": logit_part(est.val_mse_),
+                       "lds": logit_part(scores)})
+    write_targets(group, t0, t1, result)
 
 
 def curve_point(unit: tuple[int, int], *, source: SubsetSource, sizes: tuple[int, ...], n_lambdas: int,
@@ -118,7 +132,7 @@ def curve_point(unit: tuple[int, int], *, source: SubsetSource, sizes: tuple[int
     _, val, held = source.positions()
     targets = slice(source.n_train, min(source.n_targets, source.n_train + CURVE_TARGETS))
     masks = source.masks(source.rows)
-    _, margin = source.outputs(source.rows, targets)
+    margin = source.margins(source.rows, targets)
     est = LassoDatamodels(n_lambdas=n_lambdas, lambda_ratio=lambda_ratio, dtype="float32")
     est.fit(masks[:n], margin[:n], masks[val], margin[val])
     return [int(n), float(np.nanmean(lds(est.coef_, est.intercept_, masks[held], margin[held])))]
@@ -137,29 +151,31 @@ def lasso_curve(ctx: RunContext, source: SubsetSource) -> list[list[float]]:
     return [points[i] for i in range(len(sizes))]
 
 
-def curve_config(cfg, n_models: int) -> dict:
+def curve_config(cfg, n_models: int, subsets: dict | None = None) -> dict:
     """The config of a curve store (`pipelines.rundir.variants.curve_store`): LASSO's, on the first n fit models."""
-    return {**datamodels_config(cfg, "lasso"), "fit_models": n_models}
+    return {**datamodels_config(cfg, "lasso", subsets), "fit_models": n_models}
 
 
 def run_lasso(ctx: RunContext, source: SubsetSource, *, fit_models: int | None = None) -> None:
     """LASSO datamodels into datamodels/lasso.zarr, or with `fit_models` = n into the curve store
     datamodels/lasso_n<n>.zarr, fit on the first n fit models (the same validation and LDS models)."""
-    cfg, data = ctx.cfg, ctx.data
+    cfg = ctx.cfg
     d = cfg.datamodels
-    name, config = "lasso", datamodels_config(cfg, "lasso")
+    n_train, n_targets = source.n_train, source.n_targets
+    subsets = imported_margins(ctx.run_dir) if source.margin_only else None
+    name, config = "lasso", datamodels_config(cfg, "lasso", subsets)
     if fit_models is not None:
-        name, config = curve_store(fit_models), curve_config(cfg, fit_models)
+        name, config = curve_store(fit_models), curve_config(cfg, fit_models, subsets)
         source = replace(source, splits=(source.splits[0][:fit_models], *source.splits[1:]))
-    chunk = min(d.target_chunk, data.n_targets)
+    chunk = min(d.target_chunk, n_targets)
     path = ctx.run_dir / "datamodels" / f"{name}.zarr"
-    form, reason = choose_form(len(source.splits[0]) + len(source.splits[1]), data.n_train)
+    form, reason = choose_form(len(source.splits[0]) + len(source.splits[1]), n_train)
     log.info("LASSO datamodels (%s) in %s form: %s", name, form, reason)
-    arrays = store_arrays(data.n_train, data.n_targets, data.num_classes, chunk, d.weights_dtype)
+    arrays = store_arrays(n_train, n_targets, source.n_classes, chunk, d.weights_dtype)
     if form == "gram":
-        arrays.update(gram_arrays(data.n_train))
+        arrays.update(gram_arrays(n_train))
     group = open_or_create(path, arrays, kind=KIND, config=config,
-                           attrs={**ctx.dataset_attrs(), "method": "lasso", "target_chunk": chunk,
+                           attrs={**source_attrs(ctx, source), "method": "lasso", "target_chunk": chunk,
                                   **dict(zip(("n_fit", "n_val", "n_lds"), map(len, source.splits))),
                                   **dropped_attrs(cfg, source),
                                   "solver": {"n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
@@ -170,30 +186,31 @@ def run_lasso(ctx: RunContext, source: SubsetSource, *, fit_models: int | None =
     if form == "gram":
         rows = group["xtx_fit"].chunks[0]
         gram_done = np.asarray(group["gram_done"][:])
-        drive(ctx, gram_rows, target_units(data.n_train, rows, gram_done), {"source": source, "store": store},
-              lambda unit, _: group["gram_done"].__setitem__(unit[0] // rows, True), total=data.n_train,
+        drive(ctx, gram_rows, target_units(n_train, rows, gram_done), {"source": source, "store": store},
+              lambda unit, _: group["gram_done"].__setitem__(unit[0] // rows, True), total=n_train,
               desc="Gram of the masks", unit="row")
     shared = {"source": source, "store": store, "n_lambdas": d.n_lambdas, "lambda_ratio": d.lambda_ratio,
               "form": form}
-    drive(ctx, fit_lasso_chunk, target_units(data.n_targets, chunk, np.asarray(group["done"][:])), shared,
-          lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=data.n_targets,
+    drive(ctx, fit_lasso_chunk, target_units(n_targets, chunk, np.asarray(group["done"][:])), shared,
+          lambda unit, _: group["done"].__setitem__(unit[0] // chunk, True), total=n_targets,
           desc=f"LASSO datamodels ({name})", unit="target")
     curve = bool(d.lds_curve) and fit_models is None  # the LDS curve belongs to the run's own LASSO store
-    if "lds_mean" not in group.attrs or (curve and "lds_curve" not in group.attrs):
-        summary = lds_summary(group, data.n_train)
+    if "lds_margin_mean" not in group.attrs or (curve and "lds_curve" not in group.attrs):
+        summary = lds_summary(group, n_train)
         if curve:
             summary["lds_curve"] = lasso_curve(ctx, source)
         group.attrs.update(summary)
-    log.info("LASSO datamodels (%s): mean LDS %.3f (logits), %.3f (margins)", name, group.attrs["lds_mean"],
-             group.attrs["lds_margin_mean"])
+    log_lds(f"LASSO ({name})", group)
 
 
 def run(ctx: RunContext) -> None:
     d = ctx.cfg.datamodels
+    subsets = imported_margins(ctx.run_dir)
     # stores a reused run holds, complete and made with this config, are read there (pipelines.rundir.reuse)
-    methods = [m for m in d.methods if not reuse_store(ctx, f"datamodels/{m}.zarr", datamodels_config(ctx.cfg, m))]
+    methods = [m for m in d.methods
+               if not reuse_store(ctx, f"datamodels/{m}.zarr", datamodels_config(ctx.cfg, m, subsets))]
     curve = [n for n in curve_sizes(ctx.cfg)
-             if not reuse_store(ctx, f"datamodels/{curve_store(n)}.zarr", curve_config(ctx.cfg, n))]
+             if not reuse_store(ctx, f"datamodels/{curve_store(n)}.zarr", curve_config(ctx.cfg, n, subsets))]
     if not methods and not curve:
         return
     source = open_subsets(ctx)
@@ -201,6 +218,20 @@ def run(ctx: RunContext) -> None:
         ESTIMATORS[method](ctx, source)
     for n in curve:  # unlearn.datamodel_curve: LASSO on the first n fit models
         run_lasso(ctx, source, fit_models=n)
+
+
+def check_imported(ctx: RunContext, stages) -> None:
+    """Refuse, before any stage runs, what an imported margin-only subsets.zarr cannot serve: the subsets stage
+    (it would train over the import) and TRAK (it needs the subset models' parameters and the training data)."""
+    if imported_margins(ctx.run_dir) is None:
+        return
+    where = f"{ctx.run_dir}/subsets.zarr holds imported margins"
+    if "subsets" in stages:
+        raise ConfigError(f"{where}: leave the subsets stage out (stages: [datamodels, ...]), or train subset "
+                          "models in a new run directory")
+    if "datamodels" in stages and "trak" in ctx.cfg.datamodels.methods:
+        raise ConfigError(f"{where}, no model parameters: TRAK needs them; set datamodels.methods: [lasso], or "
+                          "import TRAK's scores (dmu import trak-scores)")
 
 
 # The datamodel estimators (datamodels.methods, config.DATAMODEL_ESTIMATORS), each writing datamodels/<name>.zarr.

@@ -59,6 +59,7 @@ from pipelines.stages.datamodel_io import (
     datamodels_config,
     dropped_attrs,
     lds_summary,
+    log_lds,
     store_arrays,
     target_units,
 )
@@ -280,5 +281,4 @@ def run_trak(ctx: RunContext, source: SubsetSource) -> None:
     for name in SCRATCH:
         if name in group:
             del group[name]
-    log.info("TRAK datamodels: mean LDS %.3f (logits), %.3f (margins)", group.attrs["lds_mean"],
-             group.attrs["lds_margin_mean"])
+    log_lds("TRAK", group)

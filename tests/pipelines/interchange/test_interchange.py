@@ -98,18 +98,3 @@ def test_cli_import_export_and_its_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("dmu: error: missing ")
     # the imported masks have no seed to replay: verify checks the rest of the store and finds nothing wrong
     assert main(["info", "--verify", str(tmp_path / "run")]) == 0
-
-
-def test_datamodels_stage_refuses_an_imported_margin_only_store_in_one_line(tmp_path, capsys):
-    from pipelines.cli import main
-
-    write_release(tmp_path / "src")
-    dm.import_release(tmp_path / "src", tmp_path / "run")
-    (tmp_path / "c.yaml").write_text("task: {n_train: 12, n_test: 5}\nstages: [datamodels]\n"
-                                     "executor: {kind: serial}\ndatamodels: {n_val: 2, n_lds: 2}\n")
-    before = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert main(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err  # the import's progress bar, then the refusal
-    assert "Traceback" not in err and err.strip().splitlines()[-1].count("holds margins only") == 1
-    assert "dmu import datamodels-weights" in err.strip().splitlines()[-1]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != "config.json") == before

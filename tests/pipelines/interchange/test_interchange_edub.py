@@ -249,6 +249,7 @@ def test_dm_direct_on_margins_is_scored_by_the_report(tmp_path):
     o = oracles[2]
     values = [edub_klom_point(expected[:, j], o[:, j]) for j in range(N, N + NT)]
     assert entry["klom_edub_reverse"]["validation"]["p95"] == pytest.approx(np.percentile(values, 95), rel=1e-12)
+    assert main(["info", "--verify", str(run)]) == 0  # imported stores are checked against their own configs
 
 
 @pytest.mark.parametrize("methods, stages, message", [
