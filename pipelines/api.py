@@ -153,7 +153,11 @@ class Run:
     def _weights(self, output: str, method: str) -> zarr.Array:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        return self.datamodels(method)["margin_weights" if output == "margin" else "weights"]
+        store = self.datamodels(method)
+        if output == "logits" and "weights" not in store:
+            raise ValueError(f"datamodels/{method}.zarr holds margin datamodels only (imported, or fit on imported "
+                             "margins): ask for output='margin'")
+        return store["margin_weights" if output == "margin" else "weights"]
 
     def predicted_effect(self, remove, targets=None, output: str = "margin", method: str = "lasso") -> np.ndarray:
         """The datamodel's predicted change of the targets' outputs when the training points `remove` are left

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import Lasso
 
 from attribution.store import StoreError, open_store
+from pipelines.api import open_run
 from pipelines.cli import main
 from pipelines.interchange import datamodels as release
 from pipelines.interchange import edub
@@ -87,6 +88,11 @@ def test_dm_direct_on_bench_margins_with_lasso_fit_on_the_imported_release(tmp_p
     assert "dm_direct" in metrics["forget_sets"]["forget_set_5"]["methods"]
     assert oracles[2].shape[1] == N + NT
     assert main(["info", "--verify", str(run)]) == 0  # the LASSO store's config names the import it was fit on
+    api = open_run(run)  # the analysis API reads the same weights; logits it refuses in one line
+    np.testing.assert_allclose(api.predicted_effect(SETS[2]), -w[np.sort(SETS[2])].astype(np.float64).sum(0),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="margin datamodels only .* ask for output='margin'"):
+        api.predicted_effect(SETS[2], output="logits")
 
 
 @pytest.mark.parametrize("methods, stages, message", [
