@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from attribution.store import read
-from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
+from pipelines.engine.apply import method_inputs, models_inputs, unlearn_model, unlearn_pack
 from pipelines.engine.training import CPU_PACK_SIZE, packed_forward
 from pipelines.rundir.layout import datamodel_rows, load_forget_sets, load_run_config, load_tuned, om_targets, open_models
 from pipelines.rundir.reuse import store_path
@@ -63,7 +63,7 @@ def main() -> None:
         seeds = [method_seed(cfg.seed, k, fs, v.method) for k in range(args.models)]
         start = time.perf_counter()
         alone = [unlearn_model(task, data, params[g], v.method, forget, seed=seeds[g], hparams=v.hparams,
-                               inputs=one_model_inputs(v.method, inputs, g), device=device)[1] for g in range(args.models)]
+                               inputs=models_inputs(v.method, inputs, g), device=device)[1] for g in range(args.models)]
         single = (time.perf_counter() - start) / args.models
         packs = METHODS[v.method].packed is not None and forward is not None
         packed, gap = single, 0.0

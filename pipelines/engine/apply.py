@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.engine.training import load_state_vector, predict_logits
+from pipelines.engine.training import load_state_vector, pack_size_for, predict_logits
 from pipelines.rundir.variants import DATAMODEL_METHODS
 from pipelines.tasks import Task, TaskData
 from unlearning import METHODS, UnlearnData, get_method
@@ -60,10 +60,23 @@ def unlearn_pack(task: Task, data: TaskData, params: np.ndarray, method: str, fo
     return [(logits[g], original + r.cost, r.info) for g, r in enumerate(results)]
 
 
-def one_model_inputs(method: str, inputs: dict, g: int) -> dict:
-    """Model g's share of a pack's inputs (`method_inputs`): entry g of each per-model input, the rest as is."""
+def models_inputs(method: str, inputs: dict, g: int | slice) -> dict:
+    """The share of a block's inputs (`method_inputs`) of model g, or of the models in slice g: entry g of each
+    per-model input (OM's own oracles), the rest (shared by every model) as is."""
     per_model = get_method(method).per_model
     return {name: v[g] if name in per_model and v is not None else v for name, v in inputs.items()}
+
+
+def unlearn_packs(task: Task, data: TaskData, params: np.ndarray, method: str, forget_idx: np.ndarray, *,
+                  seeds: list[int], hparams: dict, inputs: dict, device: torch.device,
+                  forward: PackedForward) -> list[tuple[np.ndarray, Cost, dict]]:
+    """`unlearn_pack` on a block of models in packs of `pack_size_for` models, each pack with its own models'
+    share of the per-model inputs."""
+    size = pack_size_for(device, len(params))
+    return [r for i in range(0, len(params), size)
+            for r in unlearn_pack(task, data, params[i:i + size], method, forget_idx, seeds=seeds[i:i + size],
+                                  hparams=hparams, inputs=models_inputs(method, inputs, slice(i, i + size)),
+                                  device=device, forward=forward)]
 
 
 def method_inputs(method: str, *, oracle_targets: np.ndarray | None, weight_rows: np.ndarray | None) -> dict:

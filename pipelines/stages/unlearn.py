@@ -35,7 +35,7 @@ from attribution.store import (
     read,
 )
 from pipelines.config import ConfigError, RunConfig, TaskConfig, to_dict
-from pipelines.engine.apply import method_inputs, one_model_inputs, unlearn_model, unlearn_pack
+from pipelines.engine.apply import method_inputs, models_inputs, unlearn_model, unlearn_packs
 from pipelines.engine.training import default_device, pack_size_for, packed_forward, train_models
 from pipelines.rundir.layout import (
     datamodel_rows,
@@ -97,14 +97,11 @@ def unlearn_block(unit: tuple[str, int, int], *, task_cfg: TaskConfig, data: Tas
     if METHODS[variant.method].packed is not None:
         forward = packed_forward(task, task.build_model(data.num_classes, 0), data.x_train[:1])
     if forward is not None:  # packs of models as one computation (pipelines.engine.training.pack_size_for)
-        size = pack_size_for(device, stop - start)
-        results = [r for i in range(0, stop - start, size)
-                   for r in unlearn_pack(task, data, full_params[i:i + size], variant.method, forget_idx,
-                                         seeds=seeds[i:i + size], hparams=variant.hparams, inputs=inputs,
-                                         device=device, forward=forward)]
+        results = unlearn_packs(task, data, full_params, variant.method, forget_idx, seeds=seeds,
+                                hparams=variant.hparams, inputs=inputs, device=device, forward=forward)
     else:
         results = [unlearn_model(task, data, full_params[i], variant.method, forget_idx, seed=seeds[i],
-                                 hparams=variant.hparams, inputs=one_model_inputs(variant.method, inputs, i),
+                                 hparams=variant.hparams, inputs=models_inputs(variant.method, inputs, i),
                                  device=device)[1:]
                    for i in range(stop - start)]
     out: dict[str, list] = {name: [] for name in ("logits", "seconds", "example_passes", "steps", "stopped_by",

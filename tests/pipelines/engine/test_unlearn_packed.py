@@ -62,13 +62,34 @@ def test_packed_cnn_equals_one_at_a_time(method, hparams, trained):
         assert not np.allclose(state_vector(model).numpy(), params[g])
 
 
-def test_one_model_inputs_give_each_model_its_own_oracle():
-    from pipelines.engine.apply import method_inputs, one_model_inputs
+def test_models_inputs_give_each_model_its_own_oracle():
+    from pipelines.engine.apply import method_inputs, models_inputs
 
     targets = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 3 models' own oracles, N = 4, C = 2
     pack = method_inputs("oracle_matching", oracle_targets=targets, weight_rows=None)
     for g in range(3):
-        np.testing.assert_array_equal(one_model_inputs("oracle_matching", pack, g)["oracle_logits"], targets[g])
+        np.testing.assert_array_equal(models_inputs("oracle_matching", pack, g)["oracle_logits"], targets[g])
+    np.testing.assert_array_equal(models_inputs("oracle_matching", pack, slice(1, 3))["oracle_logits"], targets[1:])
     rows = np.ones((2, 5, 3), np.float32)
     dm = method_inputs("dm_matching", oracle_targets=None, weight_rows=rows)
-    assert one_model_inputs("dm_matching", dm, 1)["datamodel_weights"] is rows  # shared by every model
+    assert models_inputs("dm_matching", dm, 1)["datamodel_weights"] is rows  # shared by every model
+
+
+def test_a_block_larger_than_a_pack_gives_each_pack_its_own_oracles(trained, monkeypatch):
+    """A unit's block of models runs in packs of at most CPU_PACK_SIZE on a CPU: each pack matches its own models'
+    oracles, so every model ends as when unlearned alone (a block of 3 in packs of 2 here)."""
+    from pipelines.engine import training
+    from pipelines.engine.apply import unlearn_packs
+
+    monkeypatch.setattr(training, "CPU_PACK_SIZE", 2)
+    task, data, params = trained
+    own = list(np.random.default_rng(1).normal(size=(3, data.n_train, 10)).astype(np.float32))
+    hparams = {"epochs": 2, "batch_size": 16}
+    forward = packed_forward(task, task.build_model(data.num_classes, 0), data.x_train[:1])
+    packed = unlearn_packs(task, data, params, "oracle_matching", FORGET, seeds=[21, 22, 23], hparams=hparams,
+                           inputs={"oracle_logits": own}, device=torch.device("cpu"), forward=forward)
+    assert len(packed) == 3
+    for g in range(3):
+        _, logits, _, _ = unlearn_model(task, data, params[g], "oracle_matching", FORGET, seed=21 + g,
+                                        hparams=hparams, inputs={"oracle_logits": own[g]}, device=torch.device("cpu"))
+        np.testing.assert_allclose(packed[g][0], logits, rtol=1e-4, atol=1e-4)
