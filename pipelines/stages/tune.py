@@ -63,10 +63,16 @@ def score(unlearned_logits: np.ndarray, oracle_margins: np.ndarray, labels: np.n
     return float(np.mean(list(per_set.values()))), per_set
 
 
-def beyond(values: list, chosen) -> int | float | None:
+# Hyperparameters whose meaningful values lie above a bound other than 0: MU-Mis's stop threshold δ (it stops
+# once s_t / s_0 > δ, which holds at the first check for any δ <= 1: one step, whatever δ).
+LOWER_BOUNDS = {"delta": 1.0}
+
+
+def beyond(values: list, chosen, name: str = "") -> int | float | None:
     """One step past the end of a numeric axis that `chosen` sits at: the ratio of the two end values for
     positive floats, their difference for integers (kept >= 1); None where `chosen` is inside the axis, the
-    axis has fewer than two values or is not numeric, or the step would leave the positive numbers."""
+    axis has fewer than two values or is not numeric, or the step would leave the positive numbers (for the
+    hyperparameter `name` in LOWER_BOUNDS: the numbers above its bound)."""
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values) or len(set(values)) < 2:
         return None
     ordered = sorted(set(values))
@@ -81,7 +87,8 @@ def beyond(values: list, chosen) -> int | float | None:
         return new if new >= 1 else None
     if inner <= 0 or end <= 0:
         return None
-    return float(f"{end * end / inner:.3g}")  # a geometric step, to 3 significant digits
+    new = float(f"{end * end / inner:.3g}")  # a geometric step, to 3 significant digits
+    return new if new > LOWER_BOUNDS.get(name, 0.0) else None
 
 
 def score_grid(ctx: RunContext, sets: dict[str, np.ndarray], grid: dict[str, list[Variant]], k: int,
@@ -142,7 +149,7 @@ def run(ctx: RunContext) -> None:
         if round_ < cfg.tune.widen:
             for key, (method, _, grid) in axes.items():
                 for name, values in grid.items():
-                    new = beyond(values, chosen[key][name])
+                    new = beyond(values, chosen[key][name], name)
                     if new is not None and new not in values:
                         values.append(new)
                         widened.setdefault(key, []).append({"hyperparameter": name, "value": new,

@@ -130,6 +130,9 @@ def test_widening_goes_one_step_past_the_end_it_chose():
     assert tune_stage.beyond([2, 4], 2) is None and tune_stage.beyond([2, 4], 4) == 6  # integers stay >= 1
     assert tune_stage.beyond([1e-3, 3e-3, 1e-2], 3e-3) is None  # inside: no widening
     assert tune_stage.beyond([5], 5) is None and tune_stage.beyond([True, False], True) is None
+    # MU-Mis's δ <= 1 stops at the first check whatever its value: the grid does not widen below 1
+    assert tune_stage.beyond([1.02, 1.05], 1.02, "delta") is None
+    assert tune_stage.beyond([1.1, 1.2], 1.1, "delta") == 1.01 and tune_stage.beyond([1.02, 1.05], 1.02) == 0.991
 
 
 def test_widened_grid_is_scored_and_recorded(tuned):
