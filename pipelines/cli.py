@@ -143,7 +143,7 @@ def print_quality(where: str, q: dict) -> None:
 def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
     """The config that a store of `kind` at `store` holds when made from the run's config `cfg` (config.json);
     None where it cannot be derived (no forget sets yet, an unknown kind)."""
-    from pipelines.rundir.layout import load_forget_sets, load_tuned
+    from pipelines.rundir.layout import load_forget_sets, load_tuned, margin_only_models
     from pipelines.rundir.variants import variants
     from pipelines.stages.datamodel_io import datamodels_config, imported_margins
     from pipelines.stages.models import models_config
@@ -164,7 +164,8 @@ def expected_store_config(run_dir, store, kind: str, cfg) -> dict | None:
                 return None
             chosen = {v.store_name: v for v in variants(cfg, load_tuned(run_dir, cfg))}
             variant = chosen.get(store.name.removesuffix(".zarr"))
-            return unlearned_config(cfg, fs, sets[fs], variant) if variant is not None else None
+            return (unlearned_config(cfg, fs, sets[fs], variant, margin_only_models(run_dir))
+                    if variant is not None else None)
     except (StoreError, KeyError):
         return None
     return None
@@ -210,8 +211,6 @@ def verify_run(path) -> None:
             # an imported store records its source, not the run's config
             imported = group.attrs.get("imported")
             expected = expected_store_config(run_dir, store, kind, cfg) if cfg is not None and not imported else None
-            if expected is not None and kind == "unlearned" and group.attrs.get("margin_only"):
-                expected = {**expected, "margin_only": True}  # DM-Direct on imported margins (unlearn stage)
             expected = normalise_config(expected) if expected is not None else None
             if expected is not None and config_hash(expected) != group.attrs.get("config_hash"):
                 keys = "; ".join(diff_keys(group.attrs.get("config", {}), expected)) or "its hash"

@@ -65,10 +65,13 @@ KIND = "unlearned"
 # variants: a method with its hyperparameters, datamodel store and compute budget (a row of the report)
 
 
-def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: Variant) -> dict:
-    return {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
-            "forget_set": {fs: fingerprint(forget_idx)},
-            "method": variant.method, "hparams": variant.hparams, "datamodel": variant.datamodel}
+def unlearned_config(cfg: RunConfig, fs: str, forget_idx: np.ndarray, variant: Variant,
+                     margin_only: bool = False) -> dict:
+    """What defines an unlearned store; `margin_only`: DM-Direct on an imported margin-only models.zarr."""
+    config = {"seed": cfg.seed, "task": to_dict(cfg.task), "models": to_dict(cfg.models),
+              "forget_set": {fs: fingerprint(forget_idx)},
+              "method": variant.method, "hparams": variant.hparams, "datamodel": variant.datamodel}
+    return {**config, "margin_only": True} if margin_only else config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def run_on_margins(ctx: RunContext) -> None:
                       "example_passes": ArraySpec((k,), "float64", (block,), float("nan")),
                       "done": ArraySpec((k,), "bool", (block,), False)}
             g = open_or_create(ctx.run_dir / "unlearned" / fs / f"{v.store_name}.zarr", arrays, kind=KIND,
-                               config={**unlearned_config(cfg, fs, idx, v), "margin_only": True},
+                               config=unlearned_config(cfg, fs, idx, v, margin_only=True),
                                attrs={"forget_set": fs, **v.describe(), "margin_only": True})
             if np.asarray(g["done"][:]).all():
                 continue
